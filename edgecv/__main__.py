@@ -1,0 +1,3 @@
+from edgecv.cli import _entry
+
+_entry()

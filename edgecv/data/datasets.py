@@ -1,0 +1,269 @@
+"""Datasets by name. A factory takes the recipe's `data` section and returns a `DataBundle`."""
+
+from __future__ import annotations
+
+import gzip
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edgecv.data.loaders import LimitedLoader, TensorLoader
+from edgecv.errors import EdgecvError
+from edgecv.recipe import DataConfig
+from edgecv.registry import Registry
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+FASHION_MNIST_DEBIAN = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "val": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]  # fmt: skip
+
+
+@dataclass
+class DataBundle:
+    """Everything the pipeline needs from a dataset: loaders and the input geometry."""
+
+    name: str
+    train: Iterable
+    val: Iterable
+    num_classes: int
+    channels: int
+    image_size: int
+    class_names: list[str] = field(default_factory=list)
+    calib: Iterable | None = None  # un-augmented training batches, for calibration
+    source: str = ""
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return (self.channels, self.image_size, self.image_size)
+
+    def example_input(self, batch: int = 1) -> torch.Tensor:
+        return torch.zeros(batch, *self.input_shape)
+
+    def calibration_batches(self, n: int) -> list[torch.Tensor]:
+        out = []
+        for x, _ in self.calib if self.calib is not None else self.train:
+            out.append(x)
+            if len(out) >= n:
+                break
+        return out
+
+    def val_samples(self, n: int) -> torch.Tensor:
+        xs, seen = [], 0
+        for x, _ in self.val:
+            xs.append(x)
+            seen += len(x)
+            if seen >= n:
+                break
+        return torch.cat(xs)[:n]
+
+
+DatasetFactory = Callable[..., DataBundle]
+DATASETS: Registry[DatasetFactory] = Registry("dataset")
+
+
+def build_data(cfg: DataConfig, root: str | None = None, seed: int = 0, rank: int = 0, world_size: int = 1) -> DataBundle:
+    """Build the dataset named by `cfg.dataset`; `root` (from --data) overrides `cfg.root`."""
+    return DATASETS.get(cfg.dataset)(cfg, root or cfg.root, seed=seed, rank=rank, world_size=world_size)
+
+
+# --------------------------------------------------------------------------- fashion-mnist
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    try:
+        with gzip.open(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as exc:
+        raise EdgecvError(f"{path}: not a readable gzip IDX file ({exc})") from None
+    magic = int.from_bytes(data[0:4], "big")
+    ndim = magic & 0xFF
+    if magic >> 8 != 0x08 or ndim not in (1, 3):
+        raise EdgecvError(f"{path}: not an unsigned-byte IDX file (magic {magic:#x})")
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if arr.size != int(np.prod(dims)):
+        raise EdgecvError(f"{path}: truncated IDX file")
+    return arr.reshape(dims)
+
+
+def _has_fashion_mnist(folder: Path) -> bool:
+    return all((folder / f).is_file() for pair in FASHION_MNIST_FILES.values() for f in pair)
+
+
+def find_fashion_mnist(root: str | None) -> Path:
+    """--data / recipe root if given (must hold the files); else the Debian package; else $EDGECV_DATA;
+    else ./data/fashion-mnist, downloaded with torchvision where the machine is online."""
+    if root:
+        folder = Path(root).expanduser()
+        for candidate in (folder, folder / "fashion-mnist", folder / "FashionMNIST" / "raw"):
+            if _has_fashion_mnist(candidate):
+                return candidate
+        if not folder.exists():
+            raise EdgecvError(f"data folder {str(folder)!r} does not exist")
+        raise EdgecvError(
+            f"data folder {str(folder)!r} has no Fashion-MNIST files ({FASHION_MNIST_FILES['train'][0]}, ...)"
+        )
+    candidates = [FASHION_MNIST_DEBIAN]
+    if os.environ.get("EDGECV_DATA"):
+        env = Path(os.environ["EDGECV_DATA"]).expanduser()
+        candidates += [env, env / "fashion-mnist"]
+    local = Path("data") / "fashion-mnist"
+    candidates.append(local)
+    for c in candidates:
+        if _has_fashion_mnist(c):
+            return c
+    return download_fashion_mnist(local)
+
+
+def download_fashion_mnist(folder: Path) -> Path:
+    try:
+        from torchvision.datasets import FashionMNIST
+
+        FashionMNIST(str(folder.parent / "_torchvision"), download=True)
+    except Exception as exc:  # offline, blocked, ...
+        raise EdgecvError(
+            "Fashion-MNIST not found (looked in /usr/share/datasets/fashion-mnist, $EDGECV_DATA, ./data) and the "
+            f"download failed ({type(exc).__name__}); install it with 'apt-get install dataset-fashion-mnist' "
+            "or pass --data DIR"
+        ) from None
+    raw = folder.parent / "_torchvision" / "FashionMNIST" / "raw"
+    folder.mkdir(parents=True, exist_ok=True)
+    for pair in FASHION_MNIST_FILES.values():
+        for f in pair:
+            os.replace(raw / f, folder / f)
+    return folder
+
+
+def _subset(images: torch.Tensor, labels: torch.Tensor, limit: int | None):
+    return (images[:limit], labels[:limit]) if limit else (images, labels)
+
+
+@DATASETS.register("fashion-mnist")
+def fashion_mnist(cfg: DataConfig, root: str | None, seed: int = 0, rank: int = 0, world_size: int = 1) -> DataBundle:
+    folder = find_fashion_mnist(root)
+    arrays = {}
+    for split, (img_f, lbl_f) in FASHION_MNIST_FILES.items():
+        images = torch.from_numpy(_read_idx(folder / img_f).copy()).unsqueeze(1)
+        labels = torch.from_numpy(_read_idx(folder / lbl_f).astype(np.int64))
+        if cfg.image_size != 28:
+            images = torch.nn.functional.interpolate(
+                images.float(), size=cfg.image_size, mode="bilinear", align_corners=False
+            ).round().clamp(0, 255).to(torch.uint8)
+        arrays[split] = (images, labels)
+    mean, std = (0.2860,), (0.3530,)
+    return _tensor_bundle("fashion-mnist", cfg, arrays, mean, std, seed, rank, world_size,
+                          FASHION_MNIST_CLASSES, source=str(folder))
+
+
+def _tensor_bundle(name, cfg, arrays, mean, std, seed, rank, world_size, class_names, source="") -> DataBundle:
+    tr_x, tr_y = _subset(*arrays["train"], cfg.limit_train)
+    va_x, va_y = _subset(*arrays["val"], cfg.limit_val)
+    train = TensorLoader(tr_x, tr_y, cfg.batch_size, mean, std, shuffle=True, augment=cfg.augment,
+                         seed=seed, rank=rank, world_size=world_size, drop_last=len(tr_y) > cfg.batch_size)
+    calib = TensorLoader(tr_x, tr_y, cfg.batch_size, mean, std, shuffle=True, seed=seed + 1)
+    val = TensorLoader(va_x, va_y, cfg.eval_batch_size, mean, std)
+    return DataBundle(name, train, val, len(class_names), tr_x.shape[1], tr_x.shape[-1], class_names, calib, source)
+
+
+# --------------------------------------------------------------------------- synthetic
+
+
+def synthetic_arrays(num_classes: int, channels: int, size: int, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deterministic images: each class is a smooth random template; samples add noise and a shift.
+    Learnable in a few epochs, so tests can check that training improves accuracy."""
+    g = torch.Generator().manual_seed(1234)  # templates are the same for train and val
+    low = torch.rand(num_classes, channels, 4, 4, generator=g)
+    templates = torch.nn.functional.interpolate(low, size=size, mode="bilinear", align_corners=False)
+    gs = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % num_classes
+    labels = labels[torch.randperm(n, generator=gs)]
+    noise = torch.rand(n, channels, size, size, generator=gs)
+    images = 0.6 * templates[labels] + 0.4 * noise
+    return (images * 255).round().clamp(0, 255).to(torch.uint8), labels
+
+
+@DATASETS.register("synthetic")
+def synthetic(cfg: DataConfig, root: str | None, seed: int = 0, rank: int = 0, world_size: int = 1) -> DataBundle:
+    arrays = {
+        "train": synthetic_arrays(cfg.num_classes, cfg.channels, cfg.image_size, cfg.train_size, 1),
+        "val": synthetic_arrays(cfg.num_classes, cfg.channels, cfg.image_size, cfg.val_size, 2),
+    }
+    mean, std = (0.5,) * cfg.channels, (0.25,) * cfg.channels
+    names = [f"class{i}" for i in range(cfg.num_classes)]
+    return _tensor_bundle("synthetic", cfg, arrays, mean, std, seed, rank, world_size, names, source="generated")
+
+
+# --------------------------------------------------------------------------- imagefolder
+
+
+def imagenet_transforms(image_size: int, train: bool):
+    from torchvision import transforms as T
+
+    if train:
+        return T.Compose([
+            T.RandomResizedCrop(image_size, antialias=True),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ])
+    resize = int(round(image_size / 0.875))
+    return T.Compose([
+        T.Resize(resize, antialias=True),
+        T.CenterCrop(image_size),
+        T.ToTensor(),
+        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+@DATASETS.register("imagefolder")
+def imagefolder(cfg: DataConfig, root: str | None, seed: int = 0, rank: int = 0, world_size: int = 1) -> DataBundle:
+    """ImageNet layout: `root/train/<class>/*.JPEG`, `root/val/<class>/*.JPEG`."""
+    from torch.utils.data import DataLoader, Subset
+    from torch.utils.data.distributed import DistributedSampler
+    from torchvision.datasets import ImageFolder
+
+    if not root:
+        raise EdgecvError("data.root: the imagefolder dataset needs a folder (set data.root or pass --data DIR)")
+    base = Path(root).expanduser()
+    if not base.is_dir():
+        raise EdgecvError(f"data folder {str(base)!r} does not exist")
+    splits = {}
+    for split in ("train", "val"):
+        folder = base / split
+        if not folder.is_dir():
+            raise EdgecvError(f"data folder {str(base)!r} has no '{split}/' subfolder (expected {split}/<class>/*.JPEG)")
+        try:
+            splits[split] = ImageFolder(str(folder), transform=imagenet_transforms(cfg.image_size, split == "train" and cfg.augment))
+        except (FileNotFoundError, RuntimeError) as exc:
+            raise EdgecvError(f"{folder}: {exc}") from None
+    if splits["train"].classes != splits["val"].classes:
+        raise EdgecvError(f"{base}: train/ and val/ have different class folders")
+    calib_ds = ImageFolder(str(base / "train"), transform=imagenet_transforms(cfg.image_size, False))
+    train_ds, val_ds = splits["train"], splits["val"]
+    if cfg.limit_train:
+        idx = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(seed))[: cfg.limit_train]
+        train_ds, calib_ds = Subset(train_ds, idx.tolist()), Subset(calib_ds, idx.tolist())
+    if cfg.limit_val:
+        val_ds = Subset(val_ds, list(range(min(cfg.limit_val, len(val_ds)))))
+    sampler = DistributedSampler(train_ds, world_size, rank, shuffle=True, seed=seed) if world_size > 1 else None
+    g = torch.Generator().manual_seed(seed)
+    common = {"num_workers": cfg.workers, "persistent_workers": cfg.workers > 0}
+    train = DataLoader(train_ds, cfg.batch_size, shuffle=sampler is None, sampler=sampler, generator=g,
+                       drop_last=len(train_ds) > cfg.batch_size, **common)
+    calib = DataLoader(calib_ds, cfg.batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed + 1), **common)
+    val = DataLoader(val_ds, cfg.eval_batch_size, shuffle=False, **common)
+    classes = splits["train"].classes
+    return DataBundle("imagefolder", train, val, len(classes), 3, cfg.image_size, classes, calib, str(base))
+
+
+__all__ = ["DATASETS", "DataBundle", "LimitedLoader", "build_data", "synthetic_arrays"]

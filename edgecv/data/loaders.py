@@ -1,0 +1,107 @@
+"""Batch iterators. In-memory datasets (Fashion-MNIST, synthetic) are augmented on whole batches of
+tensors, which is several times faster on two cores than a per-image DataLoader."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+
+
+class TensorLoader:
+    """Iterate (images, labels) batches of an in-memory uint8 tensor, normalized, optionally augmented
+    (random crop with padding + horizontal flip). Shuffling is seeded by (seed, epoch); with
+    `world_size > 1` each rank sees its own shard (as DistributedSampler does)."""
+
+    def __init__(
+        self,
+        images: torch.Tensor,  # N x C x H x W, uint8
+        labels: torch.Tensor,
+        batch_size: int,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        shuffle: bool = False,
+        augment: bool = False,
+        pad: int = 2,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = False,
+    ) -> None:
+        self.images, self.labels = images, labels
+        self.batch_size = batch_size
+        self.mean = torch.tensor(mean).view(1, -1, 1, 1)
+        self.std = torch.tensor(std).view(1, -1, 1, 1)
+        self.shuffle, self.augment, self.pad = shuffle, augment, pad
+        self.seed, self.epoch = seed, 0
+        self.rank, self.world_size = rank, world_size
+        self.drop_last = drop_last
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _indices(self) -> torch.Tensor:
+        n = len(self.labels)
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 1000 + self.epoch)
+            idx = torch.randperm(n, generator=g)
+        else:
+            idx = torch.arange(n)
+        return idx[self.rank :: self.world_size]
+
+    def __len__(self) -> int:
+        n = len(range(self.rank, len(self.labels), self.world_size))
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    @property
+    def num_samples(self) -> int:
+        return len(range(self.rank, len(self.labels), self.world_size))
+
+    def _augment(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        n, _, h, w = x.shape
+        p = self.pad
+        padded = F.pad(x, (p, p, p, p))
+        dx = torch.randint(0, 2 * p + 1, (n,), generator=g)
+        dy = torch.randint(0, 2 * p + 1, (n,), generator=g)
+        # gather rows then columns from the padded batch
+        idx_rows = (dy.view(n, 1, 1, 1) + torch.arange(h).view(1, 1, h, 1)).expand(n, x.shape[1], h, w + 2 * p)
+        out = padded.gather(2, idx_rows)
+        idx_cols = (dx.view(n, 1, 1, 1) + torch.arange(w).view(1, 1, 1, w)).expand(n, x.shape[1], h, w)
+        out = out.gather(3, idx_cols)
+        flip = torch.rand(n, generator=g) < 0.5
+        out[flip] = out[flip].flip(3)
+        return out
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        idx = self._indices()
+        g = torch.Generator().manual_seed(self.seed * 7919 + self.epoch + 1)
+        for start in range(0, len(idx), self.batch_size):
+            b = idx[start : start + self.batch_size]
+            if self.drop_last and len(b) < self.batch_size:
+                break
+            x = self.images[b].float().div_(255.0)
+            if self.augment:
+                x = self._augment(x, g)
+            x = (x - self.mean) / self.std
+            yield x, self.labels[b]
+
+
+class LimitedLoader:
+    """The first `limit` samples of a loader (for calibration, quick evaluation)."""
+
+    def __init__(self, loader, limit: int) -> None:
+        self.loader, self.limit = loader, limit
+
+    def __iter__(self):
+        seen = 0
+        for x, y in self.loader:
+            if seen >= self.limit:
+                break
+            take = min(len(y), self.limit - seen)
+            seen += take
+            yield x[:take], y[:take]
+
+    def __len__(self) -> int:
+        bs = getattr(self.loader, "batch_size", None) or 1
+        return min(len(self.loader), -(-self.limit // bs))
