@@ -258,7 +258,7 @@ def bench(models: Annotated[list[Path], typer.Argument(help="model files (.pt, .
           json_out: Annotated[Path | None, typer.Option("--json", help="write results as JSON to this file")] = None,
           debug: DebugOpt = False) -> None:
     """Latency percentiles, throughput, memory, accuracy (and power on a Jetson), side by side."""
-    from edgecv.bench import benchmark_blocks, peak_memory_mb, result_rows
+    from edgecv.bench import peak_memory_mb, result_rows
     from edgecv.bench.device import host_facts
     from edgecv.pipeline import resolve_device, write_json
     from edgecv.report.render import bench_table
@@ -304,8 +304,10 @@ def bench(models: Annotated[list[Path], typer.Argument(help="model files (.pt, .
         energy = _measure_energy(runners, input_shape, sizes, warmup, runs)
     from edgecv.console import make_progress
 
+    from edgecv.reporting import timed_blocks
+
     with make_progress() as progress:
-        latency = benchmark_blocks(runners, input_shape, sizes, warmup, runs, rounds, progress)
+        latency = timed_blocks(runners, input_shape, sizes, warmup, runs, rounds, progress)
     results = []
     for key, r in runners.items():
         model_name, _, b = key.rpartition("@")

@@ -141,6 +141,8 @@ class Pipeline:
     def __init__(self, recipe: Recipe, out: Path, device: str = "auto", data_root: str | None = None) -> None:
         self.recipe = recipe
         self.device = resolve_device(device)
+        # Denormal floats (tiny weights and activations late in training) slow CPU kernels up to 10x.
+        torch.set_flush_denormal(True)
         self.dist = init_distributed(self.device)
         self.data_root = data_root
         self.run_dir = Path(out) / recipe.name

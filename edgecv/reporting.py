@@ -30,6 +30,18 @@ def evaluate_runner(runner, data: DataBundle, limit: int | None, progress=None, 
     return acc
 
 
+def timed_blocks(runners: dict, input_shape, batch_sizes, warmup: int, runs: int, rounds: int, progress) -> dict:
+    """benchmark_blocks with one progress bar over all timed runs."""
+    from edgecv.bench.latency import benchmark_blocks
+
+    total = len(runners) * len(batch_sizes) * runs * rounds
+    task = progress.add_task("latency (blocks)", total=total, status="")
+    out = benchmark_blocks(runners, input_shape, batch_sizes, warmup, runs, rounds,
+                           lambda n: progress.advance(task, n))
+    progress.remove_task(task)
+    return out
+
+
 def _float_structure(stage_models: list[tuple[str, Path, nn.Module, bool]], spec: dict) -> dict[str, tuple[int, int]]:
     """MACs and params of each stage; a quantized stage has its float parent's structure."""
     import torch
@@ -74,7 +86,6 @@ def summarize(rows: list[dict], largest_batch: int) -> dict:
 
 def bench_and_report(recipe: Recipe, run_dir: Path, manifest: dict, data: DataBundle, spec: dict, device: str) -> dict:
     from edgecv.bench.device import host_facts
-    from edgecv.bench.latency import benchmark_blocks
     from edgecv.bench.runners import create_runner
     from edgecv.report.render import rows_table, write_report
     from edgecv.train.checkpoint import load_model
@@ -127,8 +138,8 @@ def bench_and_report(recipe: Recipe, run_dir: Path, manifest: dict, data: DataBu
     largest = max(bench.batch_sizes)
     with make_progress() as progress:
         accuracy = {k: evaluate_runner(r, data, bench.eval_limit, progress, k) for k, r in runners.items()}
-        latency = benchmark_blocks(runners, data.input_shape, bench.batch_sizes, bench.warmup, bench.runs,
-                                   bench.rounds, progress)
+        latency = timed_blocks(runners, data.input_shape, bench.batch_sizes, bench.warmup, bench.runs,
+                               bench.rounds, progress)
     rows = []
     for key, m in meta.items():
         lat1 = latency[key].get(min(bench.batch_sizes))

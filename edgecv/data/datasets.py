@@ -182,13 +182,13 @@ def synthetic_arrays(num_classes: int, channels: int, size: int, n: int, seed: i
     """Deterministic images: each class is a smooth random template; samples add noise and a shift.
     Learnable in a few epochs, so tests can check that training improves accuracy."""
     g = torch.Generator().manual_seed(1234)  # templates are the same for train and val
-    low = torch.rand(num_classes, channels, 4, 4, generator=g)
+    low = torch.rand(num_classes, channels, 3, 3, generator=g).round()  # high-contrast 3x3 patterns
     templates = torch.nn.functional.interpolate(low, size=size, mode="bilinear", align_corners=False)
     gs = torch.Generator().manual_seed(seed)
     labels = torch.arange(n) % num_classes
     labels = labels[torch.randperm(n, generator=gs)]
     noise = torch.rand(n, channels, size, size, generator=gs)
-    images = 0.6 * templates[labels] + 0.4 * noise
+    images = 0.75 * templates[labels] + 0.25 * noise
     return (images * 255).round().clamp(0, 255).to(torch.uint8), labels
 
 

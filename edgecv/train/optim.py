@@ -35,8 +35,9 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
     total = max(1, cfg.epochs * steps_per_epoch)
     if cfg.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=cfg.lr, total_steps=total, pct_start=min(0.3, max(0.05, cfg.warmup_epochs / max(1, cfg.epochs)) if cfg.warmup_epochs else 0.25)
-        )
+        pct = cfg.warmup_epochs / max(1, cfg.epochs) if cfg.warmup_epochs else 0.25
+        pct = min(0.5, max(pct, 2.0 / total))  # at least two warm-up steps, or OneCycleLR divides by zero
+        if total >= 4:
+            return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total, pct_start=pct)
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup, cfg.schedule))

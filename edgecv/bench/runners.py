@@ -1,0 +1,313 @@
+"""Runners: one small protocol that turns a float32 NCHW batch into logits, one registry entry per backend.
+
+`onnxruntime`, `tensorrt` and cuda-python are imported only inside the runner that needs them, so
+`import edgecv.bench` works on a machine that lacks them.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from edgecv.errors import EdgecvError
+from edgecv.registry import Registry
+
+if TYPE_CHECKING:
+    from torch import nn
+
+ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
+
+
+@runtime_checkable
+class Runner(Protocol):
+    backend: str
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        """float32 NCHW batch in, float32 logits (N, classes) out."""
+        ...
+
+    def describe(self) -> dict:
+        """backend, device, threads, versions, providers, file: what a benchmark row must say it ran on."""
+        ...
+
+
+RunnerFactory = Callable[..., Runner]
+RUNNERS: Registry[RunnerFactory] = Registry("bench backend")
+
+
+def create_runner(
+    backend: str, model: nn.Module | str | Path, *, device: str = "cpu", threads: int | None = None
+) -> Runner:
+    """Build the runner for `backend` ("torch", "onnxruntime", "tensorrt") on `model`."""
+    if device not in ("cpu", "cuda"):
+        raise EdgecvError(f"device {device!r} is not supported; choose 'cpu' or 'cuda'")
+    if threads is not None and threads < 1:
+        raise EdgecvError(f"threads must be >= 1, got {threads}")
+    factory = RUNNERS.get(backend)
+    return factory(model, device=device, threads=threads)
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _model_file(model: Any, backend: str, suffixes: tuple[str, ...], what: str) -> Path:
+    """The existing file a file-based backend runs, or an EdgecvError naming what is wrong with it."""
+    if not isinstance(model, (str, Path)):
+        raise EdgecvError(
+            f"backend {backend!r} runs {what} file ({', '.join(suffixes)}), not a {type(model).__name__}"
+        )
+    path = Path(model)
+    if not path.is_file():
+        raise EdgecvError(f"model file not found: {path}")
+    if path.suffix.lower() not in suffixes:
+        raise EdgecvError(f"{path}: backend {backend!r} runs {what} file ({', '.join(suffixes)})")
+    return path
+
+
+def _as_input(batch: np.ndarray) -> np.ndarray:
+    if batch.ndim != 4:
+        raise EdgecvError(f"a batch must be NCHW (4 dimensions), got shape {tuple(batch.shape)}")
+    return np.ascontiguousarray(batch, dtype=np.float32)
+
+
+# --------------------------------------------------------------------------------------------- torch
+class TorchRunner:
+    """An nn.Module in eval mode under inference_mode; on CUDA the output copy synchronises."""
+
+    backend = "torch"
+
+    def __init__(self, model: Any, *, device: str = "cpu", threads: int | None = None) -> None:
+        import torch
+        from torch import nn
+
+        if not isinstance(model, nn.Module):
+            where = f": {model}" if isinstance(model, (str, Path)) else ""
+            raise EdgecvError(
+                f"backend 'torch' runs a model built in Python (nn.Module), not a file{where}; "
+                "load the checkpoint first, or use --backend onnxruntime for a .onnx file"
+            )
+        if device == "cuda" and not torch.cuda.is_available():
+            raise EdgecvError("device 'cuda' requested for backend 'torch' but torch sees no CUDA GPU")
+        if threads is not None:
+            torch.set_num_threads(threads)
+        torch.set_flush_denormal(True)  # as ONNX Runtime's session.set_denormal_as_zero: a fair comparison
+        self._torch = torch
+        self.device = device
+        self.threads = torch.get_num_threads() if device == "cpu" else None
+        self.model = model.to(device).eval()
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        torch = self._torch
+        with torch.inference_mode():
+            x = torch.from_numpy(_as_input(batch)).to(self.device)
+            return self.model(x).float().cpu().numpy()
+
+    def describe(self) -> dict:
+        torch = self._torch
+        name = torch.cuda.get_device_name(0) if self.device == "cuda" else "cpu"
+        return {
+            "backend": self.backend,
+            "device": name,
+            "threads": self.threads,
+            "versions": {"torch": torch.__version__},
+            "providers": [],
+            "file": None,
+            "model": type(self.model).__name__,
+        }
+
+
+# --------------------------------------------------------------------------------------- onnxruntime
+class OnnxRuntimeRunner:
+    """An InferenceSession: sequential, inter-op 1 thread, intra-op `threads`, all graph optimisations."""
+
+    backend = "onnxruntime"
+
+    def __init__(self, model: Any, *, device: str = "cpu", threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        path = _model_file(model, self.backend, (".onnx",), "an ONNX")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or 0  # 0: ORT picks one per physical core
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3  # errors only: users see our one line, not ORT's warnings
+        # Denormal floats make float kernels up to 10x slower on x86; deployments flush them (torch too, below).
+        options.add_session_config_entry("session.set_denormal_as_zero", "1")
+        providers = ["CPUExecutionProvider"]
+        if device == "cuda":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise EdgecvError(
+                    "device 'cuda' requested but this onnxruntime has no CUDAExecutionProvider "
+                    "(install onnxruntime-gpu)"
+                )
+            providers.insert(0, "CUDAExecutionProvider")
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        except Exception as exc:  # ORT raises Fail / InvalidProtobuf / InvalidGraph / NotImplemented
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise EdgecvError(f"{path}: onnxruntime cannot load this model ({reason[:200]})") from None
+        inputs = self.session.get_inputs()
+        if len(inputs) != 1:
+            raise EdgecvError(f"{path}: expected one image input, the model has {len(inputs)}")
+        self.input_name = inputs[0].name
+        self.path = path
+        self.device = device
+        self.threads = threads
+        self._ort = ort
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: _as_input(batch)})[0]
+
+    def describe(self) -> dict:
+        return {
+            "backend": self.backend,
+            "device": self.device,
+            "threads": self.threads,
+            "versions": {"onnxruntime": self._ort.__version__},
+            "providers": self.session.get_providers(),
+            "file": str(self.path),
+        }
+
+
+# ------------------------------------------------------------------------------------------ tensorrt
+def _cudart() -> Any:
+    """cuda-python's runtime module: `cuda.bindings.runtime` (cuda-python >= 12.6), else `cuda.cudart`."""
+    try:
+        from cuda.bindings import runtime as cudart
+    except ImportError:
+        try:
+            from cuda import cudart
+        except ImportError:
+            raise EdgecvError(
+                "backend 'tensorrt' needs cuda-python: pip install 'edgecv[tensorrt]'"
+            ) from None
+    return cudart
+
+
+def _check_cuda(result: Any, what: str) -> Any:
+    """cuda-python calls return (err, *values); raise on an error, return the value(s)."""
+    err, *values = result if isinstance(result, tuple) else (result,)
+    if int(err) != 0:
+        raise EdgecvError(f"CUDA error in {what}: {err}")
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+class TensorRTRunner:
+    """A deserialised TensorRT engine; one input, one output, device buffers grown on demand."""
+
+    backend = "tensorrt"
+
+    def __init__(self, model: Any, *, device: str = "cuda", threads: int | None = None) -> None:
+        from edgecv.export import tensorrt as trt_export
+
+        path = _model_file(model, self.backend, ENGINE_SUFFIXES, "a TensorRT engine")
+        meta = trt_export.read_metadata(path) if trt_export.metadata_path(path).is_file() else None
+        self.current = trt_export.current_device_facts()
+        if meta is not None:
+            # Before TensorRT even loads: a mismatch gets one clear line, not a deserialization crash.
+            trt_export.check_compatible(meta, self.current, path)
+        try:
+            import tensorrt as trt
+        except ImportError:
+            raise EdgecvError(
+                "backend 'tensorrt' needs TensorRT's Python bindings (JetPack's python3-libnvinfer, "
+                "or pip install 'edgecv[tensorrt]'); see tools/jetson_setup.sh"
+            ) from None
+        cudart = _cudart()
+        self.meta = meta
+        self._trt, self._cudart = trt, cudart
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.runtime = trt.Runtime(self.logger)
+        self.engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
+        if self.engine is None:
+            raise EdgecvError(
+                f"{path}: TensorRT {trt.__version__} cannot deserialize this engine "
+                "(built with another TensorRT version or GPU? rebuild it on this device)"
+            )
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        outputs = [n for n in names if n not in inputs]
+        if len(inputs) != 1 or len(outputs) != 1:
+            raise EdgecvError(f"{path}: expected one input and one output, found {inputs} and {outputs}")
+        self.input_name, self.output_name = inputs[0], outputs[0]
+        self.output_dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(self.output_name)))
+        self.stream = _check_cuda(cudart.cudaStreamCreate(), "cudaStreamCreate")
+        self._buffers: dict[str, tuple[int, int]] = {}  # name -> (device pointer, bytes)
+        self.path = path
+        self.device = device
+
+    def _buffer(self, name: str, nbytes: int) -> int:
+        ptr, size = self._buffers.get(name, (0, 0))
+        if size < nbytes:
+            if ptr:
+                _check_cuda(self._cudart.cudaFree(ptr), "cudaFree")
+            ptr = int(_check_cuda(self._cudart.cudaMalloc(nbytes), "cudaMalloc"))
+            self._buffers[name] = (ptr, nbytes)
+            self.context.set_tensor_address(name, ptr)
+        return ptr
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        cudart = self._cudart
+        x = _as_input(batch)
+        if not self.context.set_input_shape(self.input_name, x.shape):
+            raise EdgecvError(
+                f"{self.path}: input shape {x.shape} is outside the engine's optimization profile"
+            )
+        out_shape = tuple(self.context.get_tensor_shape(self.output_name))
+        out = np.empty(out_shape, dtype=self.output_dtype)
+        d_in = self._buffer(self.input_name, x.nbytes)
+        d_out = self._buffer(self.output_name, out.nbytes)
+        h2d = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
+        d2h = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        _check_cuda(cudart.cudaMemcpyAsync(d_in, x.ctypes.data, x.nbytes, h2d, self.stream), "H2D copy")
+        if not self.context.execute_async_v3(int(self.stream)):
+            raise EdgecvError(f"{self.path}: TensorRT execute_async_v3 failed")
+        _check_cuda(cudart.cudaMemcpyAsync(out.ctypes.data, d_out, out.nbytes, d2h, self.stream), "D2H copy")
+        _check_cuda(cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
+        return out.astype(np.float32, copy=False)
+
+    def describe(self) -> dict:
+        return {
+            "backend": self.backend,
+            "device": self.current.get("device_name"),
+            "threads": None,
+            "versions": {"tensorrt": self._trt.__version__, "cuda-python": _version("cuda-python")},
+            "providers": [],
+            "file": str(self.path),
+            "compute_capability": self.current.get("compute_capability"),
+            "precision": self.meta.precision if self.meta else None,
+        }
+
+    def __del__(self) -> None:
+        cudart = getattr(self, "_cudart", None)
+        if cudart is None:
+            return
+        for ptr, _ in getattr(self, "_buffers", {}).values():
+            cudart.cudaFree(ptr)
+        if getattr(self, "stream", None) is not None:
+            cudart.cudaStreamDestroy(self.stream)
+
+
+RUNNERS.register("torch", TorchRunner)
+RUNNERS.register("onnxruntime", OnnxRuntimeRunner)
+RUNNERS.register("tensorrt", TensorRTRunner)
+
+
+def backend_available(backend: str) -> bool:
+    """Whether `backend`'s libraries import here (the CLI and tests use it to skip a backend cleanly)."""
+    modules = {"torch": ["torch"], "onnxruntime": ["onnxruntime"], "tensorrt": ["tensorrt"]}
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in modules.get(backend, [backend]))

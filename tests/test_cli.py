@@ -1,0 +1,211 @@
+"""Every CLI command, run as a user runs it: a real subprocess, real files."""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+
+import pytest
+import yaml
+from conftest import TINY, run_cli, write_recipe
+
+COMMANDS = ["train", "compress", "sensitivity", "eval", "export", "bench", "inspect", "recipes"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help(command):
+    proc = run_cli(command, "--help")
+    assert proc.returncode == 0, proc.stderr
+    assert "Usage" in proc.stdout
+
+
+def test_recipes_list_show_validate_schema():
+    proc = run_cli("recipes", "list")
+    assert proc.returncode == 0 and "quickstart" in proc.stdout and "imagenet-resnet18" in proc.stdout
+    shown = run_cli("recipes", "show", "quickstart")
+    assert shown.returncode == 0 and yaml.safe_load(shown.stdout)["name"] == "quickstart"
+    resolved = run_cli("recipes", "show", "quickstart", "--set", "train.epochs=2")
+    assert yaml.safe_load(resolved.stdout)["train"]["epochs"] == 2
+    ok = run_cli("recipes", "validate", "quickstart", "imagenet-resnet18", "imagenet-mobilenetv2")
+    assert ok.returncode == 0 and ok.stdout.count("ok:") == 3
+    schema = run_cli("recipes", "schema")
+    assert json.loads(schema.stdout)["title"] == "Recipe"
+
+
+def one_error_line(proc) -> str:
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: ")
+    assert "Traceback" not in proc.stderr + proc.stdout
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "mutate, expected",
+    [
+        (lambda r: r["train"].update(epohcs=1), "unknown key 'train.epohcs' (did you mean 'train.epochs'?)"),
+        (lambda r: r["train"].update(lr="fast"), "train.lr"),
+        (lambda r: r["stages"][0]["prune"].update(ratio=1.2), "stages[0].prune.ratio"),
+    ],
+)
+def test_recipe_mistakes_exit_2_with_one_line(tmp_path, mutate, expected):
+    recipe = json.loads(json.dumps(TINY))
+    mutate(recipe)
+    path = write_recipe(tmp_path / "bad.yaml", recipe)
+    line = one_error_line(run_cli("compress", str(path), "--out", str(tmp_path / "runs")))
+    assert expected in line
+    assert not (tmp_path / "runs").exists()  # nothing half-written
+
+
+def test_file_mistakes_exit_2_with_one_line(tmp_path):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    assert "is empty" in one_error_line(run_cli("compress", str(empty), "--out", str(tmp_path / "r")))
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("name: [unclosed\n")
+    assert "YAML syntax error" in one_error_line(run_cli("train", str(broken)))
+    assert "not found" in one_error_line(run_cli("compress", str(tmp_path / "missing.yaml")))
+    assert "--data" in one_error_line(run_cli("train", "quickstart", "--data", str(tmp_path / "nope")))
+    assert "no-such-key" in one_error_line(run_cli("recipes", "validate", "quickstart", "--set", "train.no-such-key=1"))
+    not_a_model = tmp_path / "model.pt"
+    not_a_model.write_bytes(b"this is not a checkpoint")
+    assert "is not a model checkpoint" in one_error_line(run_cli("eval", str(not_a_model), "--recipe", "quickstart"))
+    assert "is not a model checkpoint" in one_error_line(run_cli("export", str(not_a_model)))
+    bad_onnx = tmp_path / "model.onnx"
+    bad_onnx.write_bytes(b"garbage")
+    assert "model.onnx" in one_error_line(run_cli("bench", str(bad_onnx), "--no-accuracy"))
+    assert "model.onnx" in one_error_line(run_cli("inspect", str(bad_onnx)))
+    assert "does not exist" in one_error_line(run_cli("bench", str(tmp_path / "ghost.onnx")))
+
+
+def test_missing_dataset_folder_in_recipe(tmp_path):
+    recipe = {**TINY, "data": {"dataset": "imagefolder", "root": str(tmp_path / "no-imagenet")}}
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    line = one_error_line(run_cli("train", str(path), "--out", str(tmp_path / "runs")))
+    assert "no-imagenet" in line and "does not exist" in line
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    proc = run_cli("compress", str(empty), "--debug")
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def _png_size(path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert zlib.crc32(data[12:29]) == struct.unpack(">I", data[29:33])[0]
+    return struct.unpack(">II", data[16:24])
+
+
+def test_compress_writes_the_run_dir_and_report(finished_run):
+    run = finished_run["run_dir"]
+    for name in ("recipe.resolved.yaml", "manifest.json", "report.md", "report.json", "pareto.png",
+                 "export/model.onnx", "export/model.int8.onnx", "export/metadata.json"):
+        assert (run / name).is_file(), name
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert [s["name"] for s in manifest["stages"]] == ["train", "prune", "finetune", "ptq", "qat", "export"]
+    assert all(s["status"] == "done" for s in manifest["stages"])
+    report = json.loads((run / "report.json").read_text())
+    fields = {"stage", "format", "backend", "top1", "top5", "params", "macs", "size_bytes", "latency_ms_p50",
+              "latency_ms_p90", "throughput_ips"}
+    for row in report["rows"]:
+        assert fields <= set(row)
+    formats = {(r["format"], r["backend"]) for r in report["rows"]}
+    assert {("torch", "torch"), ("onnx", "onnxruntime"), ("onnx-int8", "onnxruntime")} <= formats
+    by = {(r["stage"], r["format"]): r for r in report["rows"]}
+    assert by[("prune", "torch")]["macs"] < by[("train", "torch")]["macs"]
+    assert by[("qat", "onnx-int8")]["size_bytes"] < by[("finetune", "torch")]["size_bytes"]
+    assert [c["calibrator"] for c in report["calibration"]["calibrators"]] == ["max", "percentile"]
+    assert report["int8_graph"]["float_op_list"] == []
+    assert "| stage" in (run / "report.md").read_text()
+    assert _png_size(run / "pareto.png")[0] > 100
+    resolved = yaml.safe_load((run / "recipe.resolved.yaml").read_text())
+    assert resolved["stages"][0]["prune"]["ratio"] == 0.5
+
+
+def test_compress_rerun_skips_finished_stages(finished_run):
+    proc = run_cli("compress", str(finished_run["recipe"]), "--out", str(finished_run["run_dir"].parent),
+                   "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("finished earlier, skipped") == 6
+    assert "epoch 1/" not in proc.stdout
+
+
+def test_eval_pt_and_onnx_agree_with_the_report(finished_run):
+    run = finished_run["run_dir"]
+    report = json.loads((run / "report.json").read_text())
+    by = {(r["stage"], r["format"]): r for r in report["rows"]}
+    out = finished_run["base"] / "eval.json"
+    proc = run_cli("eval", str(run / "export" / "model.int8.onnx"), "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(out.read_text())["top1"] == pytest.approx(by[("qat", "onnx-int8")]["top1"], abs=0.01)
+    proc = run_cli("eval", str(run / "00-train" / "model.pt"), "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(out.read_text())["top1"] == pytest.approx(by[("train", "torch")]["top1"], abs=0.01)
+
+
+def test_export_a_checkpoint(finished_run, tmp_path):
+    out = tmp_path / "pruned.onnx"
+    proc = run_cli("export", str(finished_run["run_dir"] / "02-finetune" / "model.pt"), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert out.is_file() and "parity vs torch" in proc.stdout
+    qout = tmp_path / "q.onnx"
+    proc = run_cli("export", str(finished_run["run_dir"] / "04-qat" / "model.pt"), "--out", str(qout))
+    assert proc.returncode == 0, proc.stderr
+    assert "top-1 agreement" in proc.stdout
+
+
+def test_bench_several_models_and_backends(finished_run, tmp_path):
+    run = finished_run["run_dir"]
+    out = tmp_path / "bench.json"
+    proc = run_cli("bench", str(run / "export" / "model.onnx"), str(run / "export" / "model.int8.onnx"),
+                   "--batch-sizes", "1,4", "--runs", "5", "--warmup", "1", "--rounds", "1", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads(out.read_text())["results"]
+    assert {(r["batch_size"], r["backend"]) for r in results} == {(1, "onnxruntime"), (4, "onnxruntime")}
+    assert len(results) == 4
+    for r in results:
+        assert 0 < r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"] and r["top1"] is not None and r["memory_mb"] >= 0
+    proc = run_cli("bench", str(run / "02-finetune" / "model.pt"), "--backend", "torch", "--batch-sizes", "2",
+                   "--runs", "3", "--rounds", "1", "--no-accuracy", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(out.read_text())["results"][0]["backend"] == "torch"
+
+
+def test_inspect_lists_float_ops(finished_run, tmp_path):
+    run = finished_run["run_dir"]
+    out = tmp_path / "inspect.json"
+    proc = run_cli("inspect", str(run / "export" / "model.int8.onnx"), "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(out.read_text())["float_ops"] == []
+    proc = run_cli("inspect", str(run / "export" / "model.onnx"), "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    float_ops = json.loads(out.read_text())["float_ops"]
+    assert any(op["op_type"] == "Conv" for op in float_ops)
+    assert all(op["name"] and op["reason"] for op in float_ops)
+
+
+def test_sensitivity_ranks_layers(finished_run, tmp_path):
+    out = tmp_path / "sens.json"
+    proc = run_cli("sensitivity", str(finished_run["recipe"]), "--out", str(finished_run["run_dir"].parent),
+                   "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(out.read_text())
+    assert len(rows) >= 5
+    sqnr = [r["sqnr_db"] for r in rows]
+    assert sqnr == sorted(sqnr)  # most sensitive (lowest SQNR) first
+    assert "finished earlier, skipped" in proc.stdout  # reused the run's float model
+
+
+def test_train_only_runs_the_baseline(tmp_path):
+    recipe = {**TINY, "name": "tiny-train", "train": {**TINY["train"], "epochs": 1}}
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    proc = run_cli("train", str(path), "--out", str(tmp_path / "runs"), "--device", "cpu", "--set", "train.lr=0.05")
+    assert proc.returncode == 0, proc.stderr
+    run = tmp_path / "runs" / "tiny-train"
+    assert (run / "00-train" / "model.pt").is_file() and not (run / "01-prune").exists()
+    assert yaml.safe_load((run / "recipe.resolved.yaml").read_text())["train"]["lr"] == 0.05
