@@ -303,16 +303,18 @@ def bench(models: Annotated[list[Path], typer.Argument(help="model files (.pt, .
             raise EdgecvError("--power: tegrastats was not found (power is measured on NVIDIA Jetson boards)")
         energy = _measure_energy(runners, input_shape, sizes, warmup, runs)
     from edgecv.console import make_progress
-
     from edgecv.reporting import timed_blocks
 
     with make_progress() as progress:
         latency = timed_blocks(runners, input_shape, sizes, warmup, runs, rounds, progress)
     results = []
-    for key, r in runners.items():
+    for key in runners:
         model_name, _, b = key.rpartition("@")
-        results += result_rows(model_name, b, latency[key], memory_mb=round(memory[key], 1),
-                               accuracy=acc.get(key), energy=energy.get(key))
+        rows = result_rows(model_name, b, latency[key], memory_mb=round(memory[key], 1),
+                           accuracy=acc.get(key), energy=energy.get(key))
+        for row in rows:
+            row["size_bytes"] = Path(model_name).stat().st_size
+        results += rows
     console.print(bench_table(results))
     if json_out:
         write_json(json_out, {"results": results, "device": host_facts(),
@@ -324,28 +326,14 @@ def bench(models: Annotated[list[Path], typer.Argument(help="model files (.pt, .
 
 def _measure_energy(runners: dict, input_shape, sizes, warmup: int, runs: int) -> dict:
     """Per runner and batch size: energy per image from tegrastats sampled during a timed block."""
-    import time
+    from edgecv.bench.latency import synthetic_batch
+    from edgecv.bench.power import measure_energy
 
-    from edgecv.bench.latency import synthetic_batch, time_block
-    from edgecv.bench.power import TegrastatsSampler, default_rails, energy_per_inference
-
-    out: dict = {}
-    with TegrastatsSampler(interval_ms=50) as sampler:
-        sampler.wait_for_samples(2)
-        for key, r in runners.items():
-            for bs in sizes:
-                batch = synthetic_batch(input_shape, bs)
-                time_block(r, batch, warmup, 0)
-                t0 = time.monotonic()
-                n = 0
-                while time.monotonic() - t0 < 1.0 or n < runs:  # at least a second of samples
-                    r(batch)
-                    n += 1
-                t1 = time.monotonic()
-                time.sleep(0.12)
-                rails = default_rails(sampler.rails)
-                out.setdefault(key, {})[bs] = energy_per_inference(sampler.samples, rails, t0, t1, n * bs)
-    return out
+    return {
+        key: {bs: measure_energy(r, synthetic_batch(input_shape, bs), warmup, max(runs, 200), interval_ms=50)
+              for bs in sizes}
+        for key, r in runners.items()
+    }
 
 
 @app.command()

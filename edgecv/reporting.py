@@ -101,7 +101,7 @@ def bench_and_report(recipe: Recipe, run_dir: Path, manifest: dict, data: DataBu
     structure = _float_structure(stage_models, spec)
     runners, meta = {}, {}
     if "torch" in bench.backends:
-        for name, path, model, quantized in stage_models:
+        for name, path, model, _ in stage_models:
             key = f"{name}/torch"
             runners[key] = create_runner("torch", model, device=dev, threads=bench.threads)
             macs, params = structure[name]

@@ -156,16 +156,19 @@ def _prepare(model: nn.Module, cfg, ctx: StageContext, freeze_bn: bool = True):
     return qmodel, stats
 
 
-def _onnx_top1(qmodel: nn.Module, ctx: StageContext, path: Path) -> dict:
-    """Export `qmodel` and measure it in ONNX Runtime on the validation set (INT8 accuracy as deployed)."""
+def _onnx_top1(qmodel: nn.Module, ctx: StageContext) -> dict:
+    """Export `qmodel` to a scratch file and measure it in ONNX Runtime on the validation set: INT8
+    accuracy as deployed, not as simulated."""
+    import tempfile
+
     from edgecv.bench.accuracy import evaluate
     from edgecv.bench.runners import create_runner
     from edgecv.export.onnx import export_onnx
 
-    export_onnx(qmodel, path, ctx.example_input())
-    runner = create_runner("onnxruntime", path)
-    acc = evaluate(runner, ((x.numpy(), y.numpy()) for x, y in ctx.data.val), total=len(ctx.data.val))
-    return acc
+    with tempfile.TemporaryDirectory(prefix="edgecv-") as tmp:
+        path = export_onnx(qmodel, Path(tmp) / "model.int8.onnx", ctx.example_input())
+        runner = create_runner("onnxruntime", path)
+        return evaluate(runner, ((x.numpy(), y.numpy()) for x, y in ctx.data.val), total=len(ctx.data.val))
 
 
 @stage("ptq", PTQConfig, "INT8 post-training quantization: calibrate, compare calibrators, keep the best")
@@ -179,8 +182,7 @@ def ptq_stage(model: nn.Module, cfg: PTQConfig, ctx: StageContext) -> nn.Module:
     results = []
     for method in compare:
         Q.apply_calibrator(qmodel, stats, method, percentile=cfg.percentile)
-        acc = _onnx_top1(qmodel, ctx, ctx.stage_dir / f"calib-{method}.int8.onnx")
-        (ctx.stage_dir / f"calib-{method}.int8.onnx").unlink(missing_ok=True)
+        acc = _onnx_top1(qmodel, ctx)
         results.append({"calibrator": method, "top1": round(acc["top1"], 3), "top5": round(acc["top5"], 3)})
         console.print(f"PTQ {method:>10}: INT8 top-1 in ONNX Runtime {acc['top1']:.2f}%")
     best = max(results, key=lambda r: r["top1"])["calibrator"] if cfg.calibrator == "best" else cfg.calibrator
@@ -222,8 +224,7 @@ def qat_stage(model: nn.Module, cfg: QATConfig, ctx: StageContext) -> nn.Module:
     if freeze_epoch is not None and freeze_epoch >= cfg.epochs:
         Q.freeze_bn_stats(qmodel)
     qmodel._edgecv_quant = Q.quant_spec(qmodel)
-    acc = _onnx_top1(qmodel, ctx, ctx.stage_dir / "qat.int8.onnx")
-    (ctx.stage_dir / "qat.int8.onnx").unlink(missing_ok=True)
+    acc = _onnx_top1(qmodel, ctx)
     ctx.metrics.update(top1=round(acc["top1"], 3), top5=round(acc["top5"], 3), torch_top1=result["top1"],
                        epochs=result["epochs"], target=cfg.target, accuracy_backend="onnxruntime")
     if result.get("history"):

@@ -7,7 +7,9 @@ import torch.nn.functional as F
 from edgecv.recipe import DistillConfig
 
 
-def distillation_loss(student_logits, teacher_logits, labels, cfg: DistillConfig, label_smoothing: float = 0.0):
+def distillation_loss(
+    student_logits, teacher_logits, labels, cfg: DistillConfig, label_smoothing: float = 0.0
+):
     """alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * cross-entropy with the labels."""
     t = cfg.temperature
     kd = F.kl_div(

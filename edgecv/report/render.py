@@ -63,6 +63,7 @@ BENCH_COLUMNS = (
     "p99_ms",
     "throughput_ips",
     "memory_mb",
+    "size_bytes",
     "top1",
     "top5",
     "energy_mj_per_image",
@@ -71,7 +72,8 @@ BENCH_COLUMNS = (
 HOW_TO_READ = (
     "How to read this: each row is one stage of the recipe in one format. top-1/top-5 are accuracy on "
     "the validation split; p50/p90 are the median and 90th-percentile latency of one batch of 1 image, "
-    "img/s the throughput at the median. Latency was timed in blocks (warm-up, then many runs), and these "
+    "img/s the throughput (images/s at the median latency) at the largest batch size the recipe's bench "
+    "section lists. Latency was timed in blocks (warm-up, then many runs), and these "
     "machines are noisy: compare ratios within this report rather than absolute numbers across runs. "
     "pareto.png plots top-1 against latency; the points on the front are the ones worth shipping. "
     "A '-' means not measured."

@@ -28,7 +28,7 @@ from edgecv.train.optim import build_optimizer, build_scheduler
 def evaluate_model(model: nn.Module, loader: Iterable, device: str = "cpu", progress=None, label: str = "eval") -> dict:
     """Top-1 / top-5 accuracy (%) of a torch model over a loader."""
     was_training = model.training
-    model.eval()
+    model.to(device).eval()
     correct1 = correct5 = n = 0
     task = progress.add_task(label, total=len(loader), status="") if progress is not None else None
     for x, y in loader:

@@ -1,0 +1,238 @@
+"""Fake-quant modules: a quantizer that exports to QuantizeLinear/DequantizeLinear, and Conv/Linear with
+quantized weights. Ranges live in parameters and buffers, so a state_dict holds everything needed."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _round_ste(x: torch.Tensor) -> torch.Tensor:
+    """round() whose gradient is the identity (straight-through estimator)."""
+    return (x.round() - x).detach() + x
+
+
+class FakeQuantize(nn.Module):
+    """Per-tensor or per-channel fake quantizer.
+
+    `symmetric=True`: int8 in [-128, 127] with zero point 0 and scale = amax / 127, so values stay in
+    [-127, 127] (TensorRT; weights). `symmetric=False`: uint8 in [0, 255], asymmetric over [lo, hi]
+    (ONNX Runtime activations). In training with learnable ranges the forward is differentiable in the
+    range (LSQ-style, straight-through rounding); otherwise it calls torch's fake-quantize ops, which the
+    TorchScript ONNX exporter turns into QuantizeLinear/DequantizeLinear.
+    """
+
+    def __init__(
+        self,
+        symmetric: bool,
+        channels: int | None = None,
+        axis: int = 0,
+        max_range: float | None = None,
+        dynamic: bool = False,
+    ) -> None:
+        super().__init__()
+        self.symmetric = symmetric
+        self.channels = channels
+        self.axis = axis
+        self.max_range = max_range  # e.g. 6.0 after ReLU6: the range is kept inside [0, 6]
+        self.quant_min, self.quant_max = (-128, 127) if symmetric else (0, 255)
+        shape = (channels,) if channels is not None else ()
+        if symmetric:
+            self.amax = nn.Parameter(torch.ones(shape), requires_grad=False)
+        else:
+            self.lo = nn.Parameter(torch.zeros(shape), requires_grad=False)
+            self.hi = nn.Parameter(torch.ones(shape), requires_grad=False)
+        self.register_buffer("enabled", torch.tensor(False))
+        # dynamic: the range is the current per-channel max of the input (weights), not a stored value
+        self.register_buffer("dynamic", torch.tensor(dynamic))
+
+    @property
+    def is_weight(self) -> bool:
+        return self.channels is not None
+
+    def extra_repr(self) -> str:
+        kind = "int8 symmetric" if self.symmetric else "uint8 asymmetric"
+        where = f"per-channel axis {self.axis}" if self.channels is not None else "per-tensor"
+        return f"{kind}, {where}, enabled={bool(self.enabled)}"
+
+    def _channel_amax(self, x: torch.Tensor) -> torch.Tensor:
+        dims = [d for d in range(x.dim()) if d != self.axis]
+        return x.detach().abs().amax(dim=dims)
+
+    def qparams(self, x: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, zero_point int32) from the current range."""
+        if self.symmetric:
+            amax = self._channel_amax(x) if (x is not None and bool(self.dynamic)) else self.amax
+            # a range of zero (a dead channel or tensor) gets scale 1, as onnxruntime's quantizer does,
+            # so that int32 biases (bias / (input scale * weight scale)) cannot overflow
+            scale = torch.where(amax > 1e-8, amax / 127.0, torch.ones_like(amax))
+            return scale, torch.zeros_like(scale, dtype=torch.int32)
+        lo, hi = self.lo.clamp(max=0.0), self.hi.clamp(min=0.0)
+        width = hi - lo
+        scale = torch.where(width > 1e-8, width / 255.0, torch.ones_like(width))
+        zero_point = (-lo / scale).round().clamp(0, 255).to(torch.int32)
+        return scale, zero_point
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not bool(self.enabled):
+            return x
+        params = [self.amax] if self.symmetric else [self.lo, self.hi]
+        if self.training and any(p.requires_grad for p in params):
+            return self._forward_learnable(x)
+        scale, zero_point = self.qparams(x)
+        if self.channels is not None:
+            return torch.fake_quantize_per_channel_affine(
+                x, scale.detach(), zero_point, self.axis, self.quant_min, self.quant_max
+            )
+        return torch.fake_quantize_per_tensor_affine(
+            x, scale.detach(), zero_point, self.quant_min, self.quant_max
+        )
+
+    def _forward_learnable(self, x: torch.Tensor) -> torch.Tensor:
+        shape = [1] * x.dim()
+        if self.channels is not None:
+            shape[self.axis] = -1
+        if self.symmetric:
+            scale = (self.amax.abs().clamp(min=1e-8) / 127.0).reshape(shape)
+            q = torch.clamp(_round_ste(x / scale), self.quant_min, self.quant_max)
+            return q * scale
+        lo, hi = self.lo.clamp(max=0.0), self.hi.clamp(min=0.0)
+        scale = ((hi - lo).clamp(min=1e-8) / 255.0).reshape(shape)
+        zero_point = torch.clamp(_round_ste(-lo.reshape(shape) / scale), 0, 255)
+        q = torch.clamp(_round_ste(x / scale) + zero_point, self.quant_min, self.quant_max)
+        return (q - zero_point) * scale
+
+    @torch.no_grad()
+    def set_range(self, lo: float | torch.Tensor, hi: float | torch.Tensor) -> None:
+        """Set the range from calibration; symmetric quantizers use max(|lo|, |hi|)."""
+        lo_t = torch.as_tensor(lo, dtype=torch.float32)
+        hi_t = torch.as_tensor(hi, dtype=torch.float32)
+        if self.max_range is not None:
+            lo_t, hi_t = lo_t.clamp(min=0.0), hi_t.clamp(max=self.max_range)
+        if self.symmetric:
+            self.amax.copy_(torch.maximum(lo_t.abs(), hi_t.abs()).clamp(min=1e-8).expand_as(self.amax))
+        else:
+            self.lo.copy_(lo_t.clamp(max=0.0).expand_as(self.lo))
+            self.hi.copy_(hi_t.clamp(min=0.0).expand_as(self.hi))
+
+    def range_parameters(self) -> list[nn.Parameter]:
+        return [self.amax] if self.symmetric else [self.lo, self.hi]
+
+
+class _WeightQuantMixin:
+    """Shared by QuantConv2d and QuantLinear: `weight_quant` (int8 symmetric per output channel)."""
+
+    weight: nn.Parameter
+    weight_quant: FakeQuantize
+
+    def quantized_weight(self) -> torch.Tensor:
+        return self.weight_quant(self.weight)
+
+
+class QuantConv2d(nn.Conv2d, _WeightQuantMixin):
+    """Conv2d with fake-quantized weights. With `bn` set (prepare_qat(freeze_bn=False)) BatchNorm stays a
+    separate module and folding is simulated: the weight is scaled by gamma / running std before it is
+    quantized, and the output scaled back before BN runs with batch statistics (Jacob et al. 2018)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.weight_quant = FakeQuantize(symmetric=True, channels=self.out_channels, axis=0, dynamic=True)
+        self.bn: nn.BatchNorm2d | None = None
+        self.bn_frozen = False
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None, fold: bool = True) -> QuantConv2d:
+        """A quantized copy of `conv`; `bn` is folded into it (fold=True) or kept for simulated folding."""
+        new = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            conv.groups,
+            bias=True,
+            padding_mode=conv.padding_mode,
+        ).to(conv.weight.device)
+        with torch.no_grad():
+            new.weight.copy_(conv.weight)
+            new.bias.copy_(conv.bias if conv.bias is not None else torch.zeros(conv.out_channels))
+        if bn is not None:
+            if fold:
+                weight, bias = fold_bn_into(new.weight, new.bias, bn)
+                with torch.no_grad():
+                    new.weight.copy_(weight)
+                    new.bias.copy_(bias)
+            else:
+                new.bn = bn
+        return new
+
+    def train(self, mode: bool = True) -> QuantConv2d:
+        super().train(mode)
+        if self.bn is not None and self.bn_frozen:
+            self.bn.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bn is None:
+            return self._conv_forward(x, self.quantized_weight(), self.bias)
+        bn = self.bn
+        factor = _bn_gamma(bn) / torch.sqrt(bn.running_var + bn.eps)
+        weight = self.weight_quant(self.weight * factor.reshape(-1, 1, 1, 1))
+        y = self._conv_forward(x, weight, None) / factor.reshape(1, -1, 1, 1)
+        return bn(y + self.bias.reshape(1, -1, 1, 1))
+
+    def folded(self) -> QuantConv2d:
+        """A copy with BatchNorm folded in (for export): the same eval-mode outputs."""
+        new = QuantConv2d.from_float(self, None)
+        new.weight_quant.load_state_dict(self.weight_quant.state_dict())
+        if self.bn is not None:
+            weight, bias = fold_bn_into(self.weight, self.bias, self.bn)
+            with torch.no_grad():
+                new.weight.copy_(weight)
+                new.bias.copy_(bias)
+        return new.train(self.training)
+
+
+class QuantLinear(nn.Linear, _WeightQuantMixin):
+    """Linear with fake-quantized weights (int8 symmetric per output channel)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.weight_quant = FakeQuantize(symmetric=True, channels=self.out_features, axis=0, dynamic=True)
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear) -> QuantLinear:
+        new = cls(linear.in_features, linear.out_features, bias=True).to(linear.weight.device)
+        with torch.no_grad():
+            new.weight.copy_(linear.weight)
+            new.bias.copy_(linear.bias if linear.bias is not None else torch.zeros(linear.out_features))
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.quantized_weight(), self.bias)
+
+
+def _bn_gamma(bn: nn.BatchNorm2d) -> torch.Tensor:
+    return bn.weight if bn.weight is not None else torch.ones_like(bn.running_var)
+
+
+def fold_bn_into(
+    weight: torch.Tensor, bias: torch.Tensor, bn: nn.BatchNorm2d
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Conv weight and bias with an eval-mode BatchNorm folded in."""
+    with torch.no_grad():
+        factor = _bn_gamma(bn) / torch.sqrt(bn.running_var + bn.eps)
+        new_weight = weight * factor.reshape(-1, *([1] * (weight.dim() - 1)))
+        beta = bn.bias if bn.bias is not None else torch.zeros_like(bias)
+        new_bias = (bias - bn.running_mean) * factor + beta
+    return new_weight.detach(), new_bias.detach()
+
+
+def fake_quantizers(model: nn.Module) -> list[tuple[str, FakeQuantize]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, FakeQuantize)]
+
+
+def activation_quantizers(model: nn.Module) -> list[tuple[str, FakeQuantize]]:
+    return [(n, m) for n, m in fake_quantizers(model) if not m.is_weight]

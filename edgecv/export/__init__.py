@@ -1,0 +1,1 @@
+"""Export: ONNX (float and Q/DQ INT8), parity checks against torch, and graph inspection per backend."""

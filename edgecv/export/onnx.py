@@ -1,0 +1,235 @@
+"""ONNX export with the TorchScript exporter (dynamo=False, see DESIGN.md), Q/DQ post-processing, and a
+parity check against torch with a real onnxruntime session.
+
+A fake-quant model (from prepare_qat) exports to QuantizeLinear/DequantizeLinear. The graph is then made
+what the backend expects: constant subgraphs (range -> scale / zero point) are folded, each weight is stored
+as an int8 initializer feeding its DequantizeLinear (~4x smaller file), and for the onnxruntime target each
+Conv/Gemm bias becomes int32 + DequantizeLinear with scale = input scale * weight scale, as
+onnxruntime.quantization.quantize_static writes it, so ORT fuses DQ -> Conv -> Q into QLinearConv.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import helper, numpy_helper
+from torch import nn
+
+from edgecv.compress.quantize import PROFILES, QuantConv2d, is_quantized, quant_spec
+from edgecv.errors import EdgecvError
+
+
+def export_onnx(
+    model: nn.Module,
+    path: Path,
+    example_input: torch.Tensor,
+    opset: int = 17,
+    dynamic_batch: bool = True,
+) -> Path:
+    """Export `model` to `path` atomically (temporary file in the same folder, checked, then renamed).
+    Input "input", output "logits", batch axis dynamic. Fake-quant models get an integer Q/DQ graph for
+    their prepare_qat target (see the module docstring)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    quantized = is_quantized(model)
+    export_model = for_export(model) if quantized else model
+    if quantized:
+        opset = max(opset, 13)  # per-channel QuantizeLinear
+    was_training = model.training
+    export_model.eval()
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # TorchScript exporter deprecation and tracer warnings
+            torch.onnx.export(
+                export_model,
+                (example_input,),
+                str(tmp),
+                dynamo=False,
+                opset_version=opset,
+                input_names=["input"],
+                output_names=["logits"],
+                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None,
+                do_constant_folding=True,
+            )
+        proto = onnx.load(str(tmp))
+        if quantized:
+            int32_bias = PROFILES.get(quant_spec(model)["target"]).int32_bias
+            proto = finalize_qdq(proto, int32_bias=int32_bias)
+        else:  # initializers the exporter shared through Identity nodes confuse quantize_static
+            _fold_constants(proto.graph)
+            _drop_unused_initializers(proto.graph)
+        onnx.checker.check_model(proto)
+        onnx.save(proto, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+        model.train(was_training)
+    return path
+
+
+def for_export(qmodel: nn.Module) -> nn.Module:
+    """A copy of a fake-quant model with simulated BatchNorm folding (freeze_bn=False) made real."""
+    qmodel = copy.deepcopy(qmodel).eval()
+    for name, m in list(qmodel.named_modules()):
+        if isinstance(m, QuantConv2d) and m.bn is not None:
+            parent_name, _, attr = name.rpartition(".")
+            setattr(qmodel.get_submodule(parent_name) if parent_name else qmodel, attr, m.folded().eval())
+    return qmodel
+
+
+# ---- Q/DQ graph post-processing ------------------------------------------------------------------
+
+
+def _fold_constants(graph: onnx.GraphProto) -> None:
+    """Evaluate every node whose inputs are all constants (Constant, scale/zero-point arithmetic, and
+    QuantizeLinear of a weight, which yields the int8 weight), except DequantizeLinear."""
+    from onnx.reference import ReferenceEvaluator
+
+    consts = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    kept = []
+    for node in graph.node:
+        inputs = [i for i in node.input if i]
+        foldable = node.op_type != "DequantizeLinear" and all(i in consts for i in inputs)
+        if not foldable:
+            kept.append(node)
+            continue
+        if node.op_type == "Constant":
+            outputs = (
+                [numpy_helper.to_array(node.attribute[0].t)] if node.attribute[0].name == "value" else None
+            )
+            if outputs is None:
+                outputs = ReferenceEvaluator(node).run(None, {})
+        else:
+            outputs = ReferenceEvaluator(node).run(None, {i: consts[i] for i in inputs})
+        for name, value in zip(node.output, outputs, strict=True):
+            consts[name] = np.asarray(value)
+            graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
+    del graph.node[:]
+    graph.node.extend(kept)
+
+
+def _quantize_biases(graph: onnx.GraphProto) -> None:
+    """Conv/Gemm float bias -> int32 initializer + DequantizeLinear(scale = s_input * s_weight, zp 0)."""
+    inits = {i.name: i for i in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    new_nodes = []
+    for node in graph.node:
+        if node.op_type in ("Conv", "Gemm") and len(node.input) == 3 and node.input[2] in inits:
+            dq_x, dq_w = producer.get(node.input[0]), producer.get(node.input[1])
+            if (
+                dq_x is not None
+                and dq_w is not None
+                and dq_x.op_type == dq_w.op_type == "DequantizeLinear"
+                and dq_x.input[1] in inits
+                and dq_w.input[1] in inits
+                and dq_w.input[0] in inits
+            ):
+                bias = numpy_helper.to_array(inits[node.input[2]]).astype(np.float64)
+                s_x = numpy_helper.to_array(inits[dq_x.input[1]]).astype(np.float64).reshape(())
+                s_w = numpy_helper.to_array(inits[dq_w.input[1]]).astype(np.float64)
+                scale = np.broadcast_to(s_x * s_w, bias.shape).astype(np.float32)
+                q64 = np.round(bias / scale.astype(np.float64))
+                if np.any(np.abs(q64) > 2**31 - 1):  # would overflow int32: leave this bias in float
+                    new_nodes.append(node)
+                    continue
+                q = q64.astype(np.int32)
+                base = node.input[2]
+                graph.initializer.extend(
+                    [
+                        numpy_helper.from_array(q, f"{base}_quantized"),
+                        numpy_helper.from_array(scale, f"{base}_quantized_scale"),
+                        numpy_helper.from_array(np.zeros_like(q), f"{base}_quantized_zero_point"),
+                    ]
+                )
+                new_nodes.append(
+                    helper.make_node(
+                        "DequantizeLinear",
+                        [f"{base}_quantized", f"{base}_quantized_scale", f"{base}_quantized_zero_point"],
+                        [f"{base}_dequantized"],
+                        name=f"{node.name}_bias_DequantizeLinear",
+                        axis=0,
+                    )
+                )
+                node.input[2] = f"{base}_dequantized"
+        new_nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+
+
+def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    keep = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    inputs = [i for i in graph.input if i.name in used or i.name == "input"]
+    del graph.input[:]
+    graph.input.extend(inputs)
+
+
+def finalize_qdq(proto: onnx.ModelProto, int32_bias: bool) -> onnx.ModelProto:
+    """Make an exported fake-quant graph an integer Q/DQ graph (see the module docstring)."""
+    graph = proto.graph
+    _fold_constants(graph)
+    if int32_bias:
+        _quantize_biases(graph)
+    _drop_unused_initializers(graph)
+    return proto
+
+
+# ---- parity and size ------------------------------------------------------------------------------
+
+
+def ort_session(path: Path, threads: int | None = None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own types for unreadable files
+        raise EdgecvError(f"{path}: onnxruntime cannot load it ({str(exc).splitlines()[0]})") from None
+
+
+def check_parity(model: nn.Module, onnx_path: Path, inputs: torch.Tensor, int8: bool) -> dict:
+    """Run torch and a real onnxruntime session on `inputs`. Float models pass when the largest difference
+    is within 1e-4 of the logit range; INT8 models when the top-1 classes agree on >= 99% of inputs."""
+    session = ort_session(Path(onnx_path))
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        expected = model(inputs).float().cpu().numpy()
+    model.train(was_training)
+    got = session.run(["logits"], {"input": inputs.cpu().numpy().astype(np.float32)})[0]
+    max_abs_diff = float(np.max(np.abs(expected - got)))
+    logit_range = float(expected.max() - expected.min())
+    agreement = float(np.mean(expected.argmax(1) == got.argmax(1)))
+    ok = agreement >= 0.99 if int8 else max_abs_diff <= 1e-4 * max(logit_range, 1e-12)
+    return {
+        "ok": bool(ok),
+        "max_abs_diff": max_abs_diff,
+        "logit_range": logit_range,
+        "top1_agreement": agreement,
+        "n": int(inputs.shape[0]),
+    }
+
+
+def model_size_bytes(path: Path | str) -> int:
+    """Bytes on disk of an ONNX file plus its external-data files, if any."""
+    path = Path(path)
+    total = path.stat().st_size
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:
+        return total
+    locations = {e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"}
+    return total + sum(
+        (path.parent / loc).stat().st_size for loc in locations if (path.parent / loc).exists()
+    )

@@ -1,0 +1,128 @@
+"""inspect_onnx: ORT's optimized graph for the onnxruntime target, NVIDIA's placement rules for tensorrt."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from edgecv.compress.quantize import PROFILES, apply_calibrator, collect_stats, prepare_qat
+from edgecv.errors import EdgecvError
+from edgecv.export.inspect import format_inspect, inspect_onnx
+from edgecv.export.onnx import export_onnx
+from edgecv.models import build_model
+
+
+def _model(name: str, size: int = 64) -> tuple[torch.nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    model = build_model(name, num_classes=10, in_channels=3, image_size=size).eval()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+    return model, torch.randn(16, 3, size, size, generator=gen)
+
+
+def _quantize_static_u8(float_path: Path, out: Path, x: torch.Tensor) -> Path:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{"input": x[:8].numpy()}, {"input": x[8:].numpy()}])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    quantize_static(
+        str(float_path), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+    )  # fmt: skip
+    return out
+
+
+@pytest.mark.parametrize("name", ["torchvision:resnet18", "torchvision:mobilenet_v2"])
+def test_onnxruntime_graph_is_all_integer_like_quantize_static(name, tmp_path):
+    model, x = _model(name)
+    qmodel = prepare_qat(model, "onnxruntime", x[:2])
+    apply_calibrator(qmodel, collect_stats(qmodel, [x[:8], x[8:]]), "max")
+    ours = inspect_onnx(export_onnx(qmodel, tmp_path / "edgecv.onnx", x[:2]), "onnxruntime")
+    float_path = export_onnx(model, tmp_path / "float.onnx", x[:2])
+    reference = inspect_onnx(_quantize_static_u8(float_path, tmp_path / "static.onnx", x), "onnxruntime")
+    assert ours["float_ops"] == [] and ours["float_op_counts"] == {}
+    assert ours["int_op_counts"] == reference["int_op_counts"]
+    assert ours["int_op_counts"]["QLinearConv"] == len(
+        [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    )
+    assert ours["int_op_counts"]["QGemm"] == 1
+    float_report = inspect_onnx(float_path, "onnxruntime")
+    assert float_report["float_op_counts"] and float_report["int_op_counts"] == {}
+
+
+def test_skip_layers_keep_float_weights_in_the_exported_graph(tmp_path):
+    """The skipped conv has a float weight in the file. (ONNX Runtime >= 1.20 may still quantize a float
+    Conv that sits between DequantizeLinear and QuantizeLinear when it builds its session.)"""
+    import onnx
+
+    model, x = _model("edgecv:resnet8", 32)
+    qmodel = prepare_qat(model, "onnxruntime", x[:2], skip_layers=["layer2.0.conv1"])
+    apply_calibrator(qmodel, collect_stats(qmodel, [x]), "max")
+    proto = onnx.load(str(export_onnx(qmodel, tmp_path / "q.onnx", x[:2])))
+    floats = {
+        i.name for i in proto.graph.initializer if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 4
+    }
+    assert len([n for n in proto.graph.node if n.op_type == "Conv" and n.input[1] in floats]) == 1
+
+
+@pytest.mark.parametrize("target", PROFILES.names())
+def test_tensorrt_rules_flag_other_placements(target, tmp_path):
+    """The onnxruntime placement (uint8, nonzero zero points) breaks TensorRT's rules; tensorrt's obeys them."""
+    model, x = _model("edgecv:resnet8", 32)
+    qmodel = prepare_qat(model, target, x[:2])
+    apply_calibrator(qmodel, collect_stats(qmodel, [x]), "max")
+    report = inspect_onnx(export_onnx(qmodel, tmp_path / "q.onnx", x[:2]), "tensorrt")
+    if target == "tensorrt":
+        assert report["violations"] == []
+        assert report["int_op_counts"]["Conv"] == 9 and report["int_op_counts"]["Add"] == 3
+    else:
+        assert any("UINT8" in v for v in report["violations"])
+
+
+def test_tensorrt_rules_on_float_and_partly_quantized_graphs(tmp_path):
+    model, x = _model("edgecv:resnet8", 32)
+    float_report = inspect_onnx(export_onnx(model, tmp_path / "f.onnx", x[:2]), "tensorrt")
+    assert float_report["violations"] == ["no Q/DQ: the model is not quantized (export a fake-quant model)"]
+    qmodel = prepare_qat(model, "tensorrt", x[:2], skip_layers=["layer1.0.conv2"])
+    apply_calibrator(qmodel, collect_stats(qmodel, [x]), "max")
+    report = inspect_onnx(export_onnx(qmodel, tmp_path / "q.onnx", x[:2]), "tensorrt")
+    # the skipped conv runs in float (no Q/DQ on its input or weight); its residual Add stays quantized
+    assert report["violations"] == []
+    assert [f["op_type"] for f in report["float_ops"]] == ["Conv"]
+    assert report["int_op_counts"]["Add"] == 3
+
+
+def test_format_inspect_renders(tmp_path):
+    from rich.console import Console
+
+    model, x = _model("edgecv:resnet8", 32)
+    qmodel = prepare_qat(model, "onnxruntime", x[:2])
+    apply_calibrator(qmodel, collect_stats(qmodel, [x]), "max")
+    report = inspect_onnx(export_onnx(qmodel, tmp_path / "q.onnx", x[:2]), "onnxruntime")
+    console = Console(record=True, width=120)
+    console.print(format_inspect(report))
+    text = console.export_text()
+    assert "QLinearConv" in text and "onnxruntime" in text
+
+
+def test_inspect_user_mistakes(tmp_path):
+    bad = tmp_path / "notes.onnx"
+    bad.write_text("hello")
+    with pytest.raises(EdgecvError, match="notes.onnx: not an ONNX model"):
+        inspect_onnx(bad, "onnxruntime")
+    with pytest.raises(EdgecvError, match="missing.onnx"):
+        inspect_onnx(tmp_path / "missing.onnx", "tensorrt")
+    model, x = _model("edgecv:resnet8", 32)
+    path = export_onnx(model, tmp_path / "f.onnx", x[:2])
+    with pytest.raises(EdgecvError, match="'openvino'"):
+        inspect_onnx(path, "openvino")
