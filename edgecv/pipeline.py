@@ -128,6 +128,7 @@ def model_spec(recipe: Recipe, data: DataBundle) -> dict:
         "image_size": data.image_size,
         "width": recipe.model.width,
         "small_input_stem": recipe.model.small_input_stem,
+        "stem_stride": recipe.model.stem_stride,
     }
 
 

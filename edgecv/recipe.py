@@ -75,6 +75,7 @@ class ModelConfig(Strict):
     name: str = Field(..., description="torchvision:<builder> | edgecv:<name> | package.module:factory")
     weights: str | None = Field(None, description="torchvision weights enum name, e.g. IMAGENET1K_V1")
     width: int | None = Field(None, ge=1, description="edgecv nets: width of the first stage")
+    stem_stride: int | None = Field(None, ge=1, le=4, description="edgecv nets: stride of the first conv")
     small_input_stem: bool | None = Field(None, description="3x3 stride-1 stem; default: image_size < 64")
 
 

@@ -60,6 +60,7 @@ def train_stage(model: nn.Module | None, cfg: TrainConfig, ctx: StageContext) ->
     model = build_model(
         spec["name"], spec["num_classes"], spec["in_channels"], spec["image_size"],
         weights=ctx.recipe.model.weights, width=spec["width"], small_input_stem=spec["small_input_stem"],
+        stem_stride=spec.get("stem_stride"),
     )
     result = fit(model, ctx.data.train, ctx.data.val, cfg, state_path=ctx.state_path, log_path=ctx.log_path,
                  device=ctx.device, label="train", dist_info=ctx.dist)

@@ -126,3 +126,14 @@ def test_inspect_user_mistakes(tmp_path):
     path = export_onnx(model, tmp_path / "f.onnx", x[:2])
     with pytest.raises(EdgecvError, match="'openvino'"):
         inspect_onnx(path, "openvino")
+
+
+def test_a_skipped_first_layer_runs_in_float_in_onnxruntime(tmp_path):
+    """The first conv reads the model input: when skipped, no Q/DQ goes in front of it, so ONNX Runtime
+    keeps it in float (useful for a 1-channel stem, which its int8 conv kernels run slowly)."""
+    model, x = _model("edgecv:resnet8", 32)
+    qmodel = prepare_qat(model, "onnxruntime", x[:2], skip_layers=["conv1"])
+    apply_calibrator(qmodel, collect_stats(qmodel, [x]), "max")
+    report = inspect_onnx(export_onnx(qmodel, tmp_path / "q.onnx", x[:2]), "onnxruntime")
+    assert report["float_op_counts"] == {"Conv": 1}
+    assert report["int_op_counts"]["QLinearConv"] == len([m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]) - 1

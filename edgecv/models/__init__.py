@@ -40,6 +40,7 @@ def build_model(
     weights: str | None = None,
     width: int | None = None,
     small_input_stem: bool | None = None,
+    stem_stride: int | None = None,
 ) -> nn.Module:
     """Build `name` for `num_classes` classes of `in_channels` x `image_size`^2 images."""
     source, sep, rest = name.partition(":")
@@ -54,7 +55,11 @@ def build_model(
         kwargs = {"num_classes": num_classes, "in_channels": in_channels}
         if width is not None:
             kwargs["width"] = width
+        if stem_stride is not None:
+            kwargs["stem_stride"] = stem_stride
         return factory(**kwargs)
+    if width is not None or stem_stride is not None:
+        raise EdgecvError(f"model.width and model.stem_stride apply to edgecv nets only, not {name!r}")
     if source == "torchvision":
         import torchvision
 

@@ -37,9 +37,10 @@ class CifarResNet(nn.Module):
         num_classes: int = 10,
         in_channels: int = 3,
         widths: tuple[int, int, int] = (16, 32, 64),
+        stem_stride: int = 1,
     ) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, stem_stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
         self.relu = nn.ReLU(inplace=True)
         layers = []
@@ -63,9 +64,9 @@ class CifarResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-def resnet8(num_classes: int = 10, in_channels: int = 3, width: int = 16) -> CifarResNet:
-    return CifarResNet(1, num_classes, in_channels, (width, 2 * width, 4 * width))
+def resnet8(num_classes: int = 10, in_channels: int = 3, width: int = 16, stem_stride: int = 1) -> CifarResNet:
+    return CifarResNet(1, num_classes, in_channels, (width, 2 * width, 4 * width), stem_stride)
 
 
-def resnet20(num_classes: int = 10, in_channels: int = 3, width: int = 16) -> CifarResNet:
-    return CifarResNet(3, num_classes, in_channels, (width, 2 * width, 4 * width))
+def resnet20(num_classes: int = 10, in_channels: int = 3, width: int = 16, stem_stride: int = 1) -> CifarResNet:
+    return CifarResNet(3, num_classes, in_channels, (width, 2 * width, 4 * width), stem_stride)

@@ -105,7 +105,8 @@ def build_from_spec(spec: dict, shapes: dict, quant: dict | None) -> nn.Module:
     """Build the float net, resize it to the recorded shapes, and re-insert quantizers if it was quantized."""
     from edgecv.models import build_model
 
-    kwargs = {k: spec.get(k) for k in ("num_classes", "in_channels", "image_size", "width", "small_input_stem")}
+    kwargs = {k: spec.get(k) for k in ("num_classes", "in_channels", "image_size", "width", "small_input_stem",
+                                       "stem_stride")}
     model = build_model(spec["name"], weights=None, **kwargs)
     apply_shapes(model, shapes)
     if quant is not None:

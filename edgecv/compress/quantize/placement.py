@@ -279,9 +279,12 @@ def place_onnxruntime(p: Placer, skip_layers: set[str]) -> None:
         kind = p.kind(node)
         args = _tensor_args(node)
         if kind == "input":
-            p.quantize_output(node)
+            continue  # quantized when a quantized consumer reads it: a float (skipped) first layer reads float
         elif kind in ("weighted", "float_weighted"):
-            p.ensure_quantized(args[0])
+            if kind == "weighted":
+                # A skipped layer reads float: with DQ -> Conv(float W) -> Q around it, ONNX Runtime >= 1.20
+                # quantizes the conv by itself, and the layer would not stay float.
+                p.ensure_quantized(args[0])
             if p.single_user_kind(node) not in ("relu", "relu6"):
                 p.quantize_output(node)
         elif kind in ("relu", "relu6"):
