@@ -78,7 +78,8 @@ def sensitivity(recipe: RecipeArg, set_: SetOpt = None, out: OutOpt = Path("runs
     """Per-layer INT8 sensitivity of the float model that the recipe's first ptq/qat stage would quantize."""
     from rich.table import Table
 
-    from edgecv.pipeline import Pipeline, StageContext, write_json
+    from edgecv.io import write_json
+    from edgecv.pipeline import Pipeline, StageContext
     from edgecv.stages import sensitivity_rows
     from edgecv.train.checkpoint import load_model
 
@@ -194,7 +195,8 @@ def eval_(model: Annotated[Path, typer.Argument(help="model file: .pt (torch), .
           json_out: Annotated[Path | None, typer.Option("--json", help="write the result to this JSON file")] = None,
           debug: DebugOpt = False) -> None:
     """Top-1 / top-5 accuracy of a model file on a validation set."""
-    from edgecv.pipeline import resolve_device, write_json
+    from edgecv.io import write_json
+    from edgecv.pipeline import resolve_device
     from edgecv.reporting import evaluate_runner
 
     path = _paths([model])[0]
@@ -260,7 +262,8 @@ def bench(models: Annotated[list[Path], typer.Argument(help="model files (.pt, .
     """Latency percentiles, throughput, memory, accuracy (and power on a Jetson), side by side."""
     from edgecv.bench import peak_memory_mb, result_rows
     from edgecv.bench.device import host_facts
-    from edgecv.pipeline import resolve_device, write_json
+    from edgecv.io import write_json
+    from edgecv.pipeline import resolve_device
     from edgecv.report.render import bench_table
     from edgecv.reporting import evaluate_runner
 
@@ -310,11 +313,9 @@ def bench(models: Annotated[list[Path], typer.Argument(help="model files (.pt, .
     results = []
     for key in runners:
         model_name, _, b = key.rpartition("@")
-        rows = result_rows(model_name, b, latency[key], memory_mb=round(memory[key], 1),
-                           accuracy=acc.get(key), energy=energy.get(key))
-        for row in rows:
-            row["size_bytes"] = Path(model_name).stat().st_size
-        results += rows
+        results += result_rows(model_name, b, latency[key], memory_mb=round(memory[key], 1),
+                               size_bytes=Path(model_name).stat().st_size, accuracy=acc.get(key),
+                               energy=energy.get(key))
     console.print(bench_table(results))
     if json_out:
         write_json(json_out, {"results": results, "device": host_facts(),
@@ -343,7 +344,7 @@ def inspect(model: Annotated[Path, typer.Argument(help="an ONNX model (float or 
             debug: DebugOpt = False) -> None:
     """List every Conv/Gemm/Add/pool that will run in float on the target, and integer vs float op counts."""
     from edgecv.export.inspect import format_inspect, inspect_onnx
-    from edgecv.pipeline import write_json
+    from edgecv.io import write_json
 
     path = _paths([model])[0]
     if target not in ("onnxruntime", "tensorrt"):

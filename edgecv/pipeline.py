@@ -9,9 +9,7 @@ last finished epoch.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,42 +21,12 @@ from torch import nn
 from edgecv.console import console
 from edgecv.data import DataBundle, build_data
 from edgecv.errors import EdgecvError
+from edgecv.io import atomic_write_text, write_json
 from edgecv.recipe import Recipe, StageConfig, dump_recipe
 from edgecv.train.checkpoint import load_model, save_model
 from edgecv.train.distributed import DistInfo, barrier, init_distributed
 
 MANIFEST = "manifest.json"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, Path):
-        return str(o)
-    if hasattr(o, "item"):
-        return o.item()
-    if hasattr(o, "__dataclass_fields__"):
-        from dataclasses import asdict
-
-        return asdict(o)
-    raise TypeError(f"not JSON serializable: {type(o).__name__}")
 
 
 def resolve_device(device: str) -> str:

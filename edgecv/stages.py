@@ -11,7 +11,8 @@ from torch import nn
 
 from edgecv.console import console
 from edgecv.errors import EdgecvError
-from edgecv.pipeline import StageContext, is_quantized, write_json
+from edgecv.io import write_json
+from edgecv.pipeline import StageContext, is_quantized
 from edgecv.recipe import (
     ExportConfig,
     FinetuneConfig,

@@ -163,13 +163,14 @@ def test_bench_table_columns_follow_what_was_measured():
         "p99_ms": 3.0,
         "throughput_ips": 476.2,
         "memory_mb": 12.5,
+        "size_bytes": 3_879_888,
         "top1": 91.5,
         "top5": 99.6,
         "energy_mj_per_image": None,
     }
     assert set(result) == set(BENCH_FIELDS)
     text = render(bench_table([result]))
-    assert "model.int8.onnx" in text and "476.2" in text and "memory MiB" in text
+    assert "model.int8.onnx" in text and "476.2" in text and "memory MiB" in text and "3.70 MiB" in text
     assert "mJ/img" not in text  # energy measured nowhere: no column
     with_energy = render(bench_table([dict(result, energy_mj_per_image=12.25)]))
     assert "mJ/img" in with_energy and "12.25" in with_energy

@@ -21,6 +21,7 @@ BENCH_FIELDS = (
     "p99_ms",
     "throughput_ips",
     "memory_mb",
+    "size_bytes",
     "top1",
     "top5",
     "energy_mj_per_image",
@@ -33,6 +34,7 @@ def result_rows(
     latency: dict[int, LatencyStats],
     *,
     memory_mb: float | None = None,
+    size_bytes: int | None = None,
     accuracy: dict | None = None,
     energy: dict[int, dict] | None = None,
 ) -> list[dict]:
@@ -50,6 +52,7 @@ def result_rows(
                 "p99_ms": stats.p99_ms,
                 "throughput_ips": stats.throughput_ips,
                 "memory_mb": memory_mb,
+                "size_bytes": size_bytes,
                 "top1": accuracy.get("top1") if accuracy else None,
                 "top5": accuracy.get("top5") if accuracy else None,
                 "energy_mj_per_image": (energy or {}).get(bs, {}).get("energy_mj_per_image"),

@@ -11,12 +11,9 @@ per TensorRT version, which network flags and builder flags to use. `tensorrt` i
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -24,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from edgecv.errors import EdgecvError
+from edgecv.io import atomic_write_bytes
 
 PRECISIONS = ("fp32", "fp16", "int8")
 MIN_TENSORRT = (8, 5)  # JetPack 5.1; older releases lack the execute_async_v3 / named-tensor API
@@ -64,25 +62,9 @@ def metadata_path(engine_path: str | Path) -> Path:
     return engine_path.with_name(engine_path.name + ".json")
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, then os.replace: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def write_metadata(engine_path: str | Path, meta: EngineMetadata) -> Path:
     path = metadata_path(engine_path)
-    _atomic_write_bytes(path, (json.dumps(meta.to_dict(), indent=2) + "\n").encode())
+    atomic_write_bytes(path, (json.dumps(meta.to_dict(), indent=2) + "\n").encode())
     return path
 
 
@@ -427,6 +409,6 @@ def build_engine(
     )
     # Old metadata must never describe the new engine, even if we are interrupted between the two writes.
     metadata_path(engine_path).unlink(missing_ok=True)
-    _atomic_write_bytes(engine_path, bytes(memoryview(serialized)))
+    atomic_write_bytes(engine_path, bytes(memoryview(serialized)))
     write_metadata(engine_path, meta)
     return meta

@@ -6,14 +6,14 @@ A row is one model stage in one format (torch | onnx | onnx-int8 | engine) with 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from edgecv.bench import BENCH_FIELDS
+from edgecv.io import atomic_write_bytes
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -54,20 +54,7 @@ _HEADERS = {
     "memory_mb": "memory MiB",
     "energy_mj_per_image": "mJ/img",
 }
-BENCH_COLUMNS = (
-    "model",
-    "backend",
-    "batch_size",
-    "p50_ms",
-    "p90_ms",
-    "p99_ms",
-    "throughput_ips",
-    "memory_mb",
-    "size_bytes",
-    "top1",
-    "top5",
-    "energy_mj_per_image",
-)
+BENCH_COLUMNS = BENCH_FIELDS  # `edgecv bench` result keys, in display order
 
 HOW_TO_READ = (
     "How to read this: each row is one stage of the recipe in one format. top-1/top-5 are accuracy on "
@@ -155,21 +142,6 @@ def render_markdown(rows: Sequence[dict], sections: dict | None = None, title: s
 
 
 # ------------------------------------------------------------------------------------------ writing
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Temporary file in the same folder, fsync, os.replace: a reader never sees a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def _json_safe(value: Any) -> Any:
     """NaN/inf are not JSON: write them as null, like other missing values."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -199,9 +171,9 @@ def write_report(
         "pareto": run_dir / "pareto.png",
     }
     document = _json_safe({"rows": rows, **sections})
-    _atomic_write_bytes(paths["json"], (json.dumps(document, indent=2, default=str) + "\n").encode())
-    _atomic_write_bytes(paths["markdown"], render_markdown(rows, sections, title).encode())
-    _atomic_write_bytes(paths["pareto"], pareto_png(rows, title))
+    atomic_write_bytes(paths["json"], (json.dumps(document, indent=2, default=str) + "\n").encode())
+    atomic_write_bytes(paths["markdown"], render_markdown(rows, sections, title).encode())
+    atomic_write_bytes(paths["pareto"], pareto_png(rows, title))
     return paths
 
 

@@ -3,8 +3,6 @@ counts, quantizer spec). Loaded with `torch.load(weights_only=True)`; never a pi
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -12,24 +10,15 @@ import torch
 from torch import nn
 
 from edgecv.errors import EdgecvError
+from edgecv.io import atomic_open
 
 FORMAT = "edgecv.checkpoint/1"
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file in the same folder, then os.replace: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """torch.save through a temporary file and os.replace: never a half-written checkpoint."""
+    with atomic_open(path) as fh:
+        torch.save(obj, fh)
 
 
 def model_shapes(model: nn.Module) -> dict[str, dict[str, int]]:
