@@ -130,6 +130,17 @@ class Pipeline:
         if self.dist.is_main:
             write_json(self.manifest_path, manifest)
 
+    def _preflight(self, only_train: bool) -> None:
+        """Refuse up front what would only fail after hours of training."""
+        import importlib.util
+
+        wants_engine = any(getattr(s, "tensorrt", False) for s in self.recipe.stages if s.stage == "export")
+        if wants_engine and not only_train and importlib.util.find_spec("tensorrt") is None:
+            raise EdgecvError(
+                "export.tensorrt is true but TensorRT is not installed here; build engines on the device "
+                "(tools/jetson_setup.sh) or set export.tensorrt: false"
+            )
+
     # ------------------------------------------------------------------ run
     def stage_list(self, until: str | None = None) -> list[tuple[str, StageConfig | Any]]:
         stages: list[tuple[str, Any]] = [("train", self.recipe.train)]
@@ -143,6 +154,7 @@ class Pipeline:
         from edgecv.stages import STAGES
 
         t_start = time.perf_counter()
+        self._preflight(only_train)
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.run_dir / "recipe.resolved.yaml", dump_recipe(self.recipe))

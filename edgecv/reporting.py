@@ -110,18 +110,23 @@ def bench_and_report(recipe: Recipe, run_dir: Path, manifest: dict, data: DataBu
     export_dir = run_dir / "export"
     sections: dict = {}
     metadata_file = export_dir / "metadata.json"
-    if metadata_file.exists() and "onnxruntime" in bench.backends:
+    if metadata_file.exists():
         metadata = json.loads(metadata_file.read_text())
         float_stage = next((n for n, _, _, q in reversed(stage_models) if not q), None)
         int8_stage = next((n for n, _, _, q in reversed(stage_models) if q), None)
         for fname, info in metadata.get("files", {}).items():
-            if info["format"] not in ("onnx", "onnx-int8"):
+            backend = {"onnx": "onnxruntime", "onnx-int8": "onnxruntime", "engine": "tensorrt"}.get(info["format"])
+            if backend not in bench.backends:
                 continue
-            stage = int8_stage if info["format"] == "onnx-int8" else float_stage
+            quantized = info["format"] == "onnx-int8" or (
+                info["format"] == "engine" and "model.int8.onnx" in metadata.get("files", {})
+            )
+            stage = int8_stage if quantized else float_stage
             key = f"{stage}/{info['format']}"
-            runners[key] = create_runner("onnxruntime", export_dir / fname, device=dev, threads=bench.threads)
+            runners[key] = create_runner(backend, export_dir / fname, device="cuda" if backend == "tensorrt" else dev,
+                                         threads=bench.threads)
             macs, params = structure.get(stage, (None, None))
-            meta[key] = {"stage": stage, "format": info["format"], "backend": "onnxruntime", "params": params,
+            meta[key] = {"stage": stage, "format": info["format"], "backend": backend, "params": params,
                          "macs": macs, "size_bytes": (export_dir / fname).stat().st_size}
             if "inspect" in info:
                 insp = info["inspect"]

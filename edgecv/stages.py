@@ -271,7 +271,9 @@ def export_stage(model: nn.Module, cfg: ExportConfig, ctx: StageContext) -> nn.M
         from edgecv.export.tensorrt import build_engine
 
         source = out / ("model.int8.onnx" if "model.int8.onnx" in files else "model.onnx")
-        meta = build_engine(source, out / "model.engine", precision="int8" if "int8" in source.name else "fp16")
+        largest = max(ctx.recipe.bench.batch_sizes)
+        meta = build_engine(source, out / "model.engine", precision="int8" if "int8" in source.name else "fp16",
+                            min_batch=1, opt_batch=largest, max_batch=largest)
         files["model.engine"] = {"format": "engine", "metadata": meta}
     metadata = {
         "input_name": "input",

@@ -209,3 +209,38 @@ def test_train_only_runs_the_baseline(tmp_path):
     run = tmp_path / "runs" / "tiny-train"
     assert (run / "00-train" / "model.pt").is_file() and not (run / "01-prune").exists()
     assert yaml.safe_load((run / "recipe.resolved.yaml").read_text())["train"]["lr"] == 0.05
+
+
+def _stage_names():
+    from edgecv.stages import STAGES
+
+    return STAGES.names()
+
+
+@pytest.mark.parametrize("stage", _stage_names())
+def test_every_registered_stage_ran_and_recorded_metrics(finished_run, stage):
+    """The tiny recipe uses every stage in the registry; each finished with its metrics on disk."""
+    manifest = json.loads((finished_run["run_dir"] / "manifest.json").read_text())
+    entry = next(e for e in manifest["stages"] if e["name"] == stage)
+    assert entry["status"] == "done" and entry["wall_s"] >= 0
+    metrics = json.loads((finished_run["run_dir"] / entry["dir"] / "metrics.json").read_text())
+    assert metrics == entry["metrics"]
+    if stage != "export":
+        assert 0 <= metrics["top1"] <= 100
+        assert (finished_run["run_dir"] / entry["dir"] / "model.pt").is_file()
+    else:
+        assert set(metrics["files"]) == {"model.onnx", "model.int8.onnx"}
+
+
+def test_tensorrt_export_without_tensorrt_is_refused_before_training(tmp_path):
+    try:
+        import tensorrt  # noqa: F401
+
+        pytest.skip("TensorRT is installed here")
+    except ImportError:
+        pass
+    path = write_recipe(tmp_path / "r.yaml", TINY)
+    line = one_error_line(run_cli("compress", str(path), "--out", str(tmp_path / "runs"), "--set",
+                                  "stages.export.tensorrt=true"))
+    assert "TensorRT is not installed" in line and "export.tensorrt" in line
+    assert not (tmp_path / "runs").exists()
