@@ -204,7 +204,7 @@ class Pipeline:
             entry = {"index": index, "name": name, "dir": stage_dir.name, "fingerprint": fingerprint,
                      "status": "running", "started_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
             entries.append(entry)
-            self._write_manifest({"recipe": self.recipe.name, "stages": entries})
+            self._write_manifest({"recipe": self.recipe.name, "stages": _keep_later(entries, old)})
             ctx = StageContext(self.recipe, self.run_dir, stage_dir, index, self.device, self.data_root, spec,
                                dict(outputs), float_parent, self.dist, {}, data)
             console.rule(f"[bold]{stage_dir.name}")
@@ -226,9 +226,12 @@ class Pipeline:
             if self.dist.is_main:
                 write_json(stage_dir / "metrics.json", ctx.metrics)
                 ctx.state_path.unlink(missing_ok=True)  # training state is only needed until the stage is done
-            self._write_manifest({"recipe": self.recipe.name, "stages": entries})
+            self._write_manifest({"recipe": self.recipe.name, "stages": _keep_later(entries, old)})
             barrier(self.dist)
-        manifest = {"recipe": self.recipe.name, "stages": entries}
+        # `train` and `sensitivity` stop early: the later stages an earlier run recorded stay in the manifest
+        # (their fingerprints decide whether they are still valid); a full run records exactly the recipe
+        partial = len(entries) < len(self.stage_list())
+        manifest = {"recipe": self.recipe.name, "stages": _keep_later(entries, old) if partial else entries}
         self._write_manifest(manifest)
         result = {"run_dir": str(self.run_dir), "manifest": manifest, "outputs": outputs, "data": data, "spec": spec}
         if report and not only_train and self.dist.is_main:
@@ -237,6 +240,11 @@ class Pipeline:
             result["report"] = bench_and_report(self.recipe, self.run_dir, manifest, data, spec, self.device)
         result["wall_s"] = round(time.perf_counter() - t_start, 1)
         return result
+
+
+def _keep_later(entries: list[dict], old: dict[str, dict]) -> list[dict]:
+    seen = {e["dir"] for e in entries}
+    return entries + [e for d, e in sorted(old.items()) if d not in seen]
 
 
 def _scalar(metrics: dict) -> dict:

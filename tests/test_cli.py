@@ -199,6 +199,8 @@ def test_sensitivity_ranks_layers(finished_run, tmp_path):
     sqnr = [r["sqnr_db"] for r in rows]
     assert sqnr == sorted(sqnr)  # most sensitive (lowest SQNR) first
     assert "finished earlier, skipped" in proc.stdout  # reused the run's float model
+    manifest = json.loads((finished_run["run_dir"] / "manifest.json").read_text())
+    assert len(manifest["stages"]) == 6  # stopping early keeps the later stages' records
 
 
 def test_train_only_runs_the_baseline(tmp_path):
