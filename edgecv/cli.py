@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from pathlib import Path
@@ -76,10 +77,11 @@ def sensitivity(recipe: RecipeArg, set_: SetOpt = None, out: OutOpt = Path("runs
                 json_out: Annotated[Path | None, typer.Option("--json", help="also write the rows to this file")] = None,
                 debug: DebugOpt = False) -> None:
     """Per-layer INT8 sensitivity of the float model that the recipe's first ptq/qat stage would quantize."""
+    import torch
     from rich.table import Table
 
     from edgecv.io import write_json
-    from edgecv.pipeline import Pipeline, StageContext
+    from edgecv.pipeline import Pipeline
     from edgecv.stages import sensitivity_rows
     from edgecv.train.checkpoint import load_model
 
@@ -94,8 +96,9 @@ def sensitivity(recipe: RecipeArg, set_: SetOpt = None, out: OutOpt = Path("runs
     result = pipe.run(report=False, stop_before=("ptq", "qat", "export"))
     last = next(reversed(result["outputs"].values()))
     model = load_model(last)[0]
-    ctx = StageContext(r, pipe.run_dir, pipe.run_dir, 0, pipe.device, data, result["spec"], _data=result["data"])
-    rows = sensitivity_rows(model, tgt, ctx, metric=metric)
+    spec = result["spec"]
+    example = torch.zeros(1, spec["in_channels"], spec["image_size"], spec["image_size"])
+    rows = sensitivity_rows(model, tgt, result["data"], example, metric=metric)
     write_json(json_out or pipe.run_dir / "sensitivity.json", rows)
     table = Table(title=f"INT8 sensitivity per layer ({tgt}, most sensitive first)")
     for col in ("rank", "layer", "SQNR dB", "top-1 drop"):
@@ -107,13 +110,23 @@ def sensitivity(recipe: RecipeArg, set_: SetOpt = None, out: OutOpt = Path("runs
     console.print(f"keep the N most sensitive layers in float with: skip_layers: auto:N   ({len(rows)} layers)")
 
 
+@functools.lru_cache(maxsize=4)
+def _checkpoint_at(path: Path, mtime_ns: int) -> dict:
+    from edgecv.train.checkpoint import read_checkpoint
+
+    return read_checkpoint(path)
+
+
+def _checkpoint(path: Path) -> dict:
+    """A .pt checkpoint, read once per command however many helpers need its spec, data or weights."""
+    return _checkpoint_at(path.resolve(), path.stat().st_mtime_ns)
+
+
 def _model_input_shape(path: Path) -> tuple[int, int, int]:
     """C, H, W of a model file: from a checkpoint's spec, an ONNX input, or engine metadata."""
     suffix = path.suffix.lower()
     if suffix in (".pt", ".pth"):
-        from edgecv.train.checkpoint import read_checkpoint
-
-        spec = read_checkpoint(path)["model"]
+        spec = _checkpoint(path)["model"]
         return (spec["in_channels"], spec["image_size"], spec["image_size"])
     if suffix == ".onnx":
         import onnx
@@ -146,9 +159,10 @@ def _make_runner(path: Path, backend: str, device: str, threads: int | None):
     if backend == "torch":
         if path.suffix.lower() not in (".pt", ".pth"):
             raise EdgecvError(f"{str(path)!r}: the torch backend runs edgecv checkpoints (.pt), not {path.suffix}")
-        from edgecv.train.checkpoint import load_model
+        from edgecv.train.checkpoint import model_from_checkpoint
 
-        return create_runner("torch", load_model(path)[0], device=device, threads=threads)
+        return create_runner("torch", model_from_checkpoint(_checkpoint(path), path)[0], device=device,
+                             threads=threads)
     return create_runner(backend, path, device=device, threads=threads)
 
 
@@ -162,9 +176,7 @@ def _data_for_model(path: Path, recipe: str | None, data: str | None, limit: int
     else:
         stored = None
         if path.suffix.lower() in (".pt", ".pth"):
-            from edgecv.train.checkpoint import read_checkpoint
-
-            stored = read_checkpoint(path).get("meta", {}).get("data")
+            stored = _checkpoint(path).get("meta", {}).get("data")
         else:
             meta = path.parent / "metadata.json"
             if meta.exists():
@@ -221,12 +233,12 @@ def export(model: Annotated[Path, typer.Argument(help="edgecv checkpoint (.pt) f
     import torch
 
     from edgecv.export.onnx import check_parity, export_onnx, model_size_bytes
-    from edgecv.train.checkpoint import load_model
+    from edgecv.train.checkpoint import model_from_checkpoint
 
     path = _paths([model])[0]
     if opset < 13:
         raise EdgecvError(f"--opset {opset}: Q/DQ export needs opset 13 or newer")
-    net, header = load_model(path)
+    net, header = model_from_checkpoint(_checkpoint(path), path)
     quantized = header.get("quant") is not None
     dest = out or path.with_suffix(".int8.onnx" if quantized else ".onnx")
     if dest.suffix != ".onnx":

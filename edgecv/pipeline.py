@@ -48,22 +48,12 @@ class StageContext:
     stage_dir: Path
     index: int
     device: str
-    data_root: str | None
+    data: DataBundle
     model_spec: dict
     outputs: dict[str, Path] = field(default_factory=dict)  # stage name -> model.pt of finished stages
     float_parent: Path | None = None  # the last float model (what INT8 is compared with)
     dist: DistInfo = field(default_factory=DistInfo)
     metrics: dict = field(default_factory=dict)
-    _data: DataBundle | None = None
-
-    @property
-    def data(self) -> DataBundle:
-        if self._data is None:
-            self._data = build_data(
-                self.recipe.data, self.data_root, seed=self.recipe.seed, rank=self.dist.rank,
-                world_size=self.dist.world_size,
-            )
-        return self._data
 
     def example_input(self) -> torch.Tensor:
         c, s = self.model_spec["in_channels"], self.model_spec["image_size"]
@@ -101,7 +91,9 @@ def model_spec(recipe: Recipe, data: DataBundle) -> dict:
 
 
 def is_quantized(model: nn.Module) -> bool:
-    return getattr(model, "_edgecv_quant", None) is not None
+    from edgecv.compress.quantize import is_quantized as has_quantizers
+
+    return has_quantizers(model)
 
 
 class Pipeline:
@@ -134,7 +126,7 @@ class Pipeline:
         """Refuse up front what would only fail after hours of training."""
         import importlib.util
 
-        wants_engine = any(getattr(s, "tensorrt", False) for s in self.recipe.stages if s.stage == "export")
+        wants_engine = any(s.tensorrt for s in self.recipe.stages if s.stage == "export")
         if wants_engine and not only_train and importlib.util.find_spec("tensorrt") is None:
             raise EdgecvError(
                 "export.tensorrt is true but TensorRT is not installed here; build engines on the device "
@@ -205,8 +197,8 @@ class Pipeline:
                      "status": "running", "started_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
             entries.append(entry)
             self._write_manifest({"recipe": self.recipe.name, "stages": _keep_later(entries, old)})
-            ctx = StageContext(self.recipe, self.run_dir, stage_dir, index, self.device, self.data_root, spec,
-                               dict(outputs), float_parent, self.dist, {}, data)
+            ctx = StageContext(self.recipe, self.run_dir, stage_dir, index, self.device, data, spec,
+                               dict(outputs), float_parent, self.dist)
             console.rule(f"[bold]{stage_dir.name}")
             t0 = time.perf_counter()
             model = STAGES.get(name).run(model, cfg, ctx)
@@ -214,7 +206,9 @@ class Pipeline:
             entry.update(status="done", wall_s=round(wall, 2), metrics=ctx.metrics,
                          finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
             if name != "export":
-                quant = getattr(model, "_edgecv_quant", None)
+                from edgecv.compress.quantize import quant_spec
+
+                quant = quant_spec(model) if is_quantized(model) else None
                 entry["quantized"] = quant is not None
                 if self.dist.is_main:
                     save_model(model_file, model, spec, quant,

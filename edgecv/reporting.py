@@ -93,11 +93,15 @@ def bench_and_report(recipe: Recipe, run_dir: Path, manifest: dict, data: DataBu
     bench = recipe.bench
     dev = "cuda" if device.startswith("cuda") else "cpu"
     stage_models = []
+    measured = {}  # torch accuracy the stages already measured on the whole validation split
     for entry in manifest["stages"]:
         path = run_dir / entry["dir"] / "model.pt"
         if entry["name"] != "export" and path.exists():
             model, _ = load_model(path)
             stage_models.append((entry["name"], path, model, bool(entry.get("quantized"))))
+            m = entry.get("metrics", {})
+            if bench.eval_limit is None and "accuracy_backend" not in m and {"top1", "top5"} <= set(m):
+                measured[f"{entry['name']}/torch"] = {"top1": m["top1"], "top5": m["top5"]}
     structure = _float_structure(stage_models, spec)
     runners, meta = {}, {}
     if "torch" in bench.backends:
@@ -142,7 +146,8 @@ def bench_and_report(recipe: Recipe, run_dir: Path, manifest: dict, data: DataBu
     console.rule("[bold]bench")
     largest = max(bench.batch_sizes)
     with make_progress() as progress:
-        accuracy = {k: evaluate_runner(r, data, bench.eval_limit, progress, k) for k, r in runners.items()}
+        accuracy = {k: measured.get(k) or evaluate_runner(r, data, bench.eval_limit, progress, k)
+                    for k, r in runners.items()}
         latency = timed_blocks(runners, data.input_shape, bench.batch_sizes, bench.warmup, bench.runs,
                                bench.rounds, progress)
     rows = []

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from edgecv.console import console
+from edgecv.data import DataBundle
 from edgecv.errors import EdgecvError
 from edgecv.io import write_json
 from edgecv.pipeline import StageContext, is_quantized
@@ -124,21 +125,21 @@ def _skip_layers(model: nn.Module, cfg, ctx: StageContext) -> tuple[list[str], l
                 f"{', '.join(Q.quantizable_layers(model)[:12])}, ..."
             )
         return list(cfg.skip_layers), None
-    rows = sensitivity_rows(model, cfg.target, ctx)
+    rows = sensitivity_rows(model, cfg.target, ctx.data, ctx.example_input())
     return Q.resolve_skip_layers(cfg.skip_layers, rows), rows
 
 
-def sensitivity_rows(model: nn.Module, target: str, ctx: StageContext, metric: str = "sqnr",
-                     calib_batches: int = 4, eval_batches: int = 4) -> list[dict]:
+def sensitivity_rows(model: nn.Module, target: str, data: DataBundle, example_input: torch.Tensor,
+                     metric: str = "sqnr", calib_batches: int = 4, eval_batches: int = 4) -> list[dict]:
     from edgecv.compress import quantize as Q
 
-    calib = ctx.data.calibration_batches(calib_batches)
+    calib = data.calibration_batches(calib_batches)
     evals = []
-    for x, y in ctx.data.val:
+    for x, y in data.val:
         evals.append((x, y))
         if len(evals) >= eval_batches:
             break
-    return Q.layer_sensitivity(model.cpu().eval(), target, ctx.example_input(), calib, evals, metric=metric)
+    return Q.layer_sensitivity(model.cpu().eval(), target, example_input, calib, evals, metric=metric)
 
 
 def _prepare(model: nn.Module, cfg, ctx: StageContext, freeze_bn: bool = True):
@@ -146,8 +147,7 @@ def _prepare(model: nn.Module, cfg, ctx: StageContext, freeze_bn: bool = True):
 
     skip, sens = _skip_layers(model, cfg, ctx)
     qmodel = Q.prepare_qat(model.cpu().eval(), cfg.target, ctx.example_input(), skip_layers=skip, freeze_bn=freeze_bn)
-    qmodel._edgecv_quant = Q.quant_spec(qmodel)
-    qmodel._edgecv_float_shapes = model_shapes(model)
+    qmodel._edgecv_float_shapes = model_shapes(model)  # what the checkpoint rebuilds before re-quantizing
     with torch.no_grad():
         stats = Q.collect_stats(qmodel, ctx.data.calibration_batches(cfg.calib_batches))
     if skip:
@@ -203,10 +203,9 @@ def qat_stage(model: nn.Module, cfg: QATConfig, ctx: StageContext) -> nn.Module:
     freeze_epoch = cfg.freeze_bn_epoch
     if is_quantized(model):
         qmodel = model  # continue from the PTQ stage's calibrated ranges
-        if qmodel._edgecv_quant.get("target") != cfg.target:
-            raise EdgecvError(
-                f"qat.target {cfg.target!r} differs from the ptq stage's target {qmodel._edgecv_quant.get('target')!r}"
-            )
+        ptq_target = Q.quant_spec(qmodel)["target"]
+        if ptq_target != cfg.target:
+            raise EdgecvError(f"qat.target {cfg.target!r} differs from the ptq stage's target {ptq_target!r}")
         freeze_epoch = None
     else:
         qmodel, stats = _prepare(model, cfg, ctx, freeze_bn=freeze_epoch in (None, 0))
@@ -225,7 +224,6 @@ def qat_stage(model: nn.Module, cfg: QATConfig, ctx: StageContext) -> nn.Module:
     qmodel = qmodel.cpu().eval()
     if freeze_epoch is not None and freeze_epoch >= cfg.epochs:
         Q.freeze_bn_stats(qmodel)
-    qmodel._edgecv_quant = Q.quant_spec(qmodel)
     acc = _onnx_top1(qmodel, ctx)
     ctx.metrics.update(top1=round(acc["top1"], 3), top5=round(acc["top5"], 3), torch_top1=result["top1"],
                        epochs=result["epochs"], target=cfg.target, accuracy_backend="onnxruntime")
@@ -255,7 +253,9 @@ def export_stage(model: nn.Module, cfg: ExportConfig, ctx: StageContext) -> nn.M
         files["model.onnx"] = {"format": "onnx", "size_bytes": model_size_bytes(path), "parity": parity}
         _require_parity(path, parity, int8=False)
     if is_quantized(model):
-        target = model._edgecv_quant["target"]
+        from edgecv.compress.quantize import quant_spec
+
+        target = quant_spec(model)["target"]
         path = export_onnx(model, out / "model.int8.onnx", example, opset=cfg.opset, dynamic_batch=cfg.dynamic_batch)
         parity = check_parity(model, path, samples, int8=True)
         report = inspect_onnx(path, target)

@@ -63,12 +63,12 @@ def apply_shapes(model: nn.Module, shapes: dict[str, dict[str, int]]) -> None:
 
 def save_model(path: Path, model: nn.Module, spec: dict, quant: dict | None = None, meta: dict | None = None) -> None:
     """Save `model` with its rebuild recipe. `spec` holds build_model's arguments."""
-    float_model = getattr(model, "_edgecv_float_shapes", None)
+    float_shapes = getattr(model, "_edgecv_float_shapes", None)  # a quantized model's pre-folding structure
     atomic_save(
         {
             "format": FORMAT,
             "model": dict(spec),
-            "shapes": float_model if float_model is not None else model_shapes(model),
+            "shapes": float_shapes if float_shapes is not None else model_shapes(model),
             "quant": quant,
             "meta": meta or {},
             "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
@@ -104,13 +104,16 @@ def build_from_spec(spec: dict, shapes: dict, quant: dict | None) -> nn.Module:
         example = torch.zeros(1, spec["in_channels"], spec["image_size"], spec["image_size"])
         model = prepare_qat(model, example_input=example, **quant)
         model._edgecv_float_shapes = shapes
-        model._edgecv_quant = dict(quant)
     return model
 
 
 def load_model(path: Path) -> tuple[nn.Module, dict]:
     """Rebuild and load a checkpoint; returns (model in eval mode, checkpoint header without weights)."""
-    ckpt = read_checkpoint(path)
+    return model_from_checkpoint(read_checkpoint(path), path)
+
+
+def model_from_checkpoint(ckpt: dict, path: Path) -> tuple[nn.Module, dict]:
+    """load_model for a checkpoint already read with read_checkpoint (`path` names it in errors)."""
     try:
         model = build_from_spec(ckpt["model"], ckpt.get("shapes", {}), ckpt.get("quant"))
         model.load_state_dict(ckpt["state_dict"])
