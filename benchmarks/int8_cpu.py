@@ -1,7 +1,7 @@
 """INT8 on CPU: torch eager FP32, ONNX Runtime FP32, ORT quantize_static (QDQ, per-channel, U8 activations)
 and edgecv INT8 (onnxruntime target), on torchvision models with random weights. Prints JSON.
 
-Timing follows DESIGN.md "Measuring on two cores": each session is timed in a block (warm-up, then N runs),
+Timing in blocks, as edgecv measures: each session is timed in a block (warm-up, then N runs),
 sessions one after another, in rounds; torch eager is timed after all ORT blocks. Compare ratios from one run.
 
     python benchmarks/int8_cpu.py --runs 100 --models resnet18,mobilenet_v2 --batch-sizes 1,8 --out int8.json

@@ -18,6 +18,7 @@ def atomic_open(path: str | Path) -> Iterator[IO[bytes]]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp creates 0600; the file should follow the umask like any other
     try:
         with os.fdopen(fd, "wb") as fh:
             yield fh
@@ -28,6 +29,12 @@ def atomic_open(path: str | Path) -> Iterator[IO[bytes]]:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -53,3 +60,11 @@ def _json_default(o: Any) -> Any:
 
 def write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """torch.save through a temporary file and os.replace: never a half-written checkpoint."""
+    import torch
+
+    with atomic_open(path) as fh:
+        torch.save(obj, fh)

@@ -8,6 +8,7 @@ last finished epoch.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import time
@@ -18,82 +19,38 @@ from typing import Any
 import torch
 from torch import nn
 
+from edgecv.checkpoint import load_model, save_model
+from edgecv.compress.quantize import is_quantized
 from edgecv.console import console
-from edgecv.data import DataBundle, build_data
+from edgecv.data.datasets import DataBundle, build_data
+from edgecv.device import resolve_device
 from edgecv.errors import EdgecvError
 from edgecv.io import atomic_write_text, write_json
-from edgecv.recipe import Recipe, StageConfig, dump_recipe
-from edgecv.train.checkpoint import load_model, save_model
+from edgecv.models.spec import ModelSpec
+from edgecv.recipe import Recipe, dump_recipe
+from edgecv.stages import STAGES, StageContext
 from edgecv.train.distributed import DistInfo, barrier, init_distributed
 
 MANIFEST = "manifest.json"
 
 
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise EdgecvError(f"--device {device}: no CUDA device is available on this machine")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise EdgecvError(f"--device {device!r}: choose auto, cpu or cuda")
-    return device
+def model_spec(recipe: Recipe, data: DataBundle) -> ModelSpec:
+    """The recipe's model, sized for its data."""
+    m = recipe.model
+    return ModelSpec(name=m.name, num_classes=data.num_classes, in_channels=data.channels,
+                     image_size=data.image_size, width=m.width, stem_stride=m.stem_stride,
+                     small_input_stem=m.small_input_stem, mean=tuple(data.mean) or None, std=tuple(data.std) or None)
 
 
 @dataclass
-class StageContext:
-    """What a stage may use besides its model and config."""
+class RunState:
+    """What the stages loop carries from one stage to the next."""
 
-    recipe: Recipe
-    run_dir: Path
-    stage_dir: Path
-    index: int
-    device: str
-    data: DataBundle
-    model_spec: dict
-    outputs: dict[str, Path] = field(default_factory=dict)  # stage name -> model.pt of finished stages
-    float_parent: Path | None = None  # the last float model (what INT8 is compared with)
-    dist: DistInfo = field(default_factory=DistInfo)
-    metrics: dict = field(default_factory=dict)
-
-    def example_input(self) -> torch.Tensor:
-        c, s = self.model_spec["in_channels"], self.model_spec["image_size"]
-        return torch.zeros(1, c, s, s)
-
-    @property
-    def log_path(self) -> Path:
-        return self.stage_dir / "log.jsonl"
-
-    @property
-    def state_path(self) -> Path:
-        return self.stage_dir / "state.pt"
-
-    def load(self, stage_or_path: str) -> nn.Module:
-        """A finished stage's model ('baseline' is the trained baseline) or a checkpoint file."""
-        key = "train" if stage_or_path == "baseline" else stage_or_path
-        if key == "parent":
-            if self.float_parent is None:
-                raise EdgecvError("distill.teacher 'parent': no float model precedes this stage")
-            return load_model(self.float_parent)[0]
-        path = self.outputs.get(key) or Path(stage_or_path)
-        return load_model(path)[0]
-
-
-def model_spec(recipe: Recipe, data: DataBundle) -> dict:
-    return {
-        "name": recipe.model.name,
-        "num_classes": data.num_classes,
-        "in_channels": data.channels,
-        "image_size": data.image_size,
-        "width": recipe.model.width,
-        "small_input_stem": recipe.model.small_input_stem,
-        "stem_stride": recipe.model.stem_stride,
-    }
-
-
-def is_quantized(model: nn.Module) -> bool:
-    from edgecv.compress.quantize import is_quantized as has_quantizers
-
-    return has_quantizers(model)
+    entries: list[dict] = field(default_factory=list)  # manifest entries of this run, in order
+    outputs: dict[str, Path] = field(default_factory=dict)  # stage name -> its model.pt
+    float_parent: Path | None = None
+    model: nn.Module | None = None  # the previous stage's model, when it is in memory
+    previous: str = ""  # fingerprint of everything so far
 
 
 class Pipeline:
@@ -104,7 +61,7 @@ class Pipeline:
         self.device = resolve_device(device)
         # Denormal floats (tiny weights and activations late in training) slow CPU kernels up to 10x.
         torch.set_flush_denormal(True)
-        self.dist = init_distributed(self.device)
+        self.dist: DistInfo = init_distributed(self.device)
         self.data_root = data_root
         self.run_dir = Path(out) / recipe.name
         self.manifest_path = self.run_dir / MANIFEST
@@ -118,33 +75,27 @@ class Pipeline:
                 console.print(f"[yellow]warning: {self.manifest_path} is unreadable; starting over[/]")
         return {"recipe": self.recipe.name, "stages": []}
 
-    def _write_manifest(self, manifest: dict) -> None:
+    def _write_manifest(self, stages: list[dict]) -> None:
         if self.dist.is_main:
-            write_json(self.manifest_path, manifest)
+            write_json(self.manifest_path, {"recipe": self.recipe.name, "stages": stages})
 
     def _preflight(self, only_train: bool) -> None:
         """Refuse up front what would only fail after hours of training."""
-        import importlib.util
-
-        wants_engine = any(s.tensorrt for s in self.recipe.stages if s.stage == "export")
+        wants_engine = any(getattr(s, "tensorrt", False) for s in self.recipe.stages if s.stage == "export")
         if wants_engine and not only_train and importlib.util.find_spec("tensorrt") is None:
             raise EdgecvError(
                 "export.tensorrt is true but TensorRT is not installed here; build engines on the device "
                 "(tools/jetson_setup.sh) or set export.tensorrt: false"
             )
 
-    # ------------------------------------------------------------------ run
-    def stage_list(self, until: str | None = None) -> list[tuple[str, StageConfig | Any]]:
+    def stage_list(self, until: str | None = None) -> list[tuple[str, Any]]:
         stages: list[tuple[str, Any]] = [("train", self.recipe.train)]
         stages += [(s.stage, s) for s in self.recipe.stages]
-        if until is not None:
-            names = [n for n, _ in stages]
-            stages = stages[: names.index(until) + 1] if until in names else stages
-        return stages
+        names = [n for n, _ in stages]
+        return stages[: names.index(until) + 1] if until in names else stages
 
+    # ------------------------------------------------------------------ run
     def run(self, only_train: bool = False, report: bool = True, stop_before: tuple[str, ...] = ()) -> dict:
-        from edgecv.stages import STAGES
-
         t_start = time.perf_counter()
         self._preflight(only_train)
         if self.dist.is_main:
@@ -153,87 +104,89 @@ class Pipeline:
         data = build_data(self.recipe.data, self.data_root, seed=self.recipe.seed, rank=self.dist.rank,
                           world_size=self.dist.world_size)
         spec = model_spec(self.recipe, data)
-        manifest = self._read_manifest()
-        old = {e["dir"]: e for e in manifest.get("stages", [])}
-        entries: list[dict] = []
-        outputs: dict[str, Path] = {}
-        float_parent: Path | None = None
-        model: nn.Module | None = None
-        previous = self.recipe.fingerprint(spec, self.recipe.data.model_dump(), self.recipe.seed)
+        old = {e["dir"]: e for e in self._read_manifest().get("stages", [])}
+        state = RunState(previous=self.recipe.fingerprint(spec.to_dict(), self.recipe.data.model_dump(),
+                                                          self.recipe.seed))
         stages = self.stage_list("train" if only_train else None)
         for index, (name, cfg) in enumerate(stages):
             if name in stop_before:
                 break
-            stage_dir = self.run_dir / f"{index:02d}-{name}"
-            fingerprint = self.recipe.fingerprint(previous, name, cfg.model_dump(mode="json"))
-            previous = fingerprint
-            entry = old.get(stage_dir.name)
-            model_file = stage_dir / "model.pt"
-            done = (
-                entry is not None
-                and entry.get("fingerprint") == fingerprint
-                and entry.get("status") == "done"
-                and (model_file.exists() or name == "export")
-            )
-            if done:
-                console.print(f"[green]✓[/] {stage_dir.name}: finished earlier, skipped")
-                entries.append(entry)
-                if name != "export":
-                    model = None  # loaded lazily below if a later stage needs it
-                    outputs[name] = model_file
-                    if not entry.get("quantized"):
-                        float_parent = model_file
-                continue
-            if entry is not None and entry.get("fingerprint") != fingerprint and stage_dir.exists() and self.dist.is_main:
-                shutil.rmtree(stage_dir)  # its config or an earlier stage changed: start it over
-            if model is None and index > 0:
-                prev_name = stages[index - 1][0]
-                prev = outputs.get(prev_name) or outputs.get(next(reversed(outputs)))
-                model = load_model(prev)[0]
-            if self.dist.is_main:
-                stage_dir.mkdir(parents=True, exist_ok=True)
-            barrier(self.dist)
-            entry = {"index": index, "name": name, "dir": stage_dir.name, "fingerprint": fingerprint,
-                     "status": "running", "started_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-            entries.append(entry)
-            self._write_manifest({"recipe": self.recipe.name, "stages": _keep_later(entries, old)})
-            ctx = StageContext(self.recipe, self.run_dir, stage_dir, index, self.device, data, spec,
-                               dict(outputs), float_parent, self.dist)
-            console.rule(f"[bold]{stage_dir.name}")
-            t0 = time.perf_counter()
-            model = STAGES.get(name).run(model, cfg, ctx)
-            wall = time.perf_counter() - t0
-            entry.update(status="done", wall_s=round(wall, 2), metrics=ctx.metrics,
-                         finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
-            if name != "export":
-                from edgecv.compress.quantize import quant_spec
-
-                quant = quant_spec(model) if is_quantized(model) else None
-                entry["quantized"] = quant is not None
-                if self.dist.is_main:
-                    save_model(model_file, model, spec, quant,
-                               meta={"stage": name, "recipe": self.recipe.name, "metrics": _scalar(ctx.metrics),
-                                     "data": self.recipe.data.model_dump(mode="json")})
-                outputs[name] = model_file
-                if quant is None:
-                    float_parent = model_file
-            if self.dist.is_main:
-                write_json(stage_dir / "metrics.json", ctx.metrics)
-                ctx.state_path.unlink(missing_ok=True)  # training state is only needed until the stage is done
-            self._write_manifest({"recipe": self.recipe.name, "stages": _keep_later(entries, old)})
-            barrier(self.dist)
+            self._run_stage(index, name, cfg, stages, state, old, data, spec)
         # `train` and `sensitivity` stop early: the later stages an earlier run recorded stay in the manifest
         # (their fingerprints decide whether they are still valid); a full run records exactly the recipe
-        partial = len(entries) < len(self.stage_list())
-        manifest = {"recipe": self.recipe.name, "stages": _keep_later(entries, old) if partial else entries}
-        self._write_manifest(manifest)
-        result = {"run_dir": str(self.run_dir), "manifest": manifest, "outputs": outputs, "data": data, "spec": spec}
+        partial = len(state.entries) < len(self.stage_list())
+        manifest = {"recipe": self.recipe.name, "stages": _keep_later(state.entries, old) if partial else state.entries}
+        self._write_manifest(manifest["stages"])
+        result = {"run_dir": str(self.run_dir), "manifest": manifest, "outputs": state.outputs, "data": data,
+                  "spec": spec}
         if report and not only_train and self.dist.is_main:
-            from edgecv.reporting import bench_and_report
+            from edgecv.run_report import report_run
 
-            result["report"] = bench_and_report(self.recipe, self.run_dir, manifest, data, spec, self.device)
+            result["report"] = report_run(self.recipe, self.run_dir, manifest, data, spec, self.device)
         result["wall_s"] = round(time.perf_counter() - t_start, 1)
         return result
+
+    def _run_stage(self, index: int, name: str, cfg: Any, stages: list, state: RunState, old: dict,
+                   data: DataBundle, spec: ModelSpec) -> None:
+        stage_dir = self.run_dir / f"{index:02d}-{name}"
+        fingerprint = self.recipe.fingerprint(state.previous, name, cfg.model_dump(mode="json"))
+        state.previous = fingerprint
+        entry = old.get(stage_dir.name)
+        if _finished(entry, fingerprint, stage_dir, name):
+            console.print(f"[green]✓[/] {stage_dir.name}: finished earlier, skipped")
+            state.entries.append(entry)
+            if name != "export":
+                state.model = None  # loaded lazily if a later stage needs it
+                state.outputs[name] = stage_dir / "model.pt"
+                if not entry.get("quantized"):
+                    state.float_parent = stage_dir / "model.pt"
+            return
+        if entry is not None and entry.get("fingerprint") != fingerprint and stage_dir.exists() and self.dist.is_main:
+            shutil.rmtree(stage_dir)  # its config or an earlier stage changed: start it over
+        if state.model is None and index > 0:
+            state.model = load_model(state.outputs.get(stages[index - 1][0]) or next(reversed(state.outputs.values())))[0]
+        if self.dist.is_main:
+            stage_dir.mkdir(parents=True, exist_ok=True)
+        barrier(self.dist)
+        entry = {"index": index, "name": name, "dir": stage_dir.name, "fingerprint": fingerprint,
+                 "status": "running", "started_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        state.entries.append(entry)
+        self._write_manifest(_keep_later(state.entries, old))
+        ctx = StageContext(self.recipe, self.run_dir, stage_dir, index, self.device, data, spec,
+                           dict(state.outputs), state.float_parent, self.dist)
+        console.rule(f"[bold]{stage_dir.name}")
+        t0 = time.perf_counter()
+        state.model = STAGES.get(name).run(state.model, cfg, ctx)
+        entry.update(status="done", wall_s=round(time.perf_counter() - t0, 2), metrics=ctx.metrics,
+                     finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        if name != "export":
+            self._save_stage_model(state, entry, stage_dir, name, spec, ctx.metrics)
+        if self.dist.is_main:
+            write_json(stage_dir / "metrics.json", ctx.metrics)
+            ctx.state_path.unlink(missing_ok=True)  # training state is only needed until the stage is done
+        self._write_manifest(_keep_later(state.entries, old))
+        barrier(self.dist)
+
+    def _save_stage_model(self, state: RunState, entry: dict, stage_dir: Path, name: str, spec: ModelSpec,
+                          metrics: dict) -> None:
+        model_file = stage_dir / "model.pt"
+        entry["quantized"] = is_quantized(state.model)
+        if self.dist.is_main:
+            save_model(model_file, state.model, spec,
+                       meta={"stage": name, "recipe": self.recipe.name, "metrics": _scalar(metrics),
+                             "data": self.recipe.data.model_dump(mode="json")})
+        state.outputs[name] = model_file
+        if not entry["quantized"]:
+            state.float_parent = model_file
+
+
+def _finished(entry: dict | None, fingerprint: str, stage_dir: Path, name: str) -> bool:
+    return (
+        entry is not None
+        and entry.get("fingerprint") == fingerprint
+        and entry.get("status") == "done"
+        and ((stage_dir / "model.pt").exists() or name == "export")
+    )
 
 
 def _keep_later(entries: list[dict], old: dict[str, dict]) -> list[dict]:

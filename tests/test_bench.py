@@ -8,18 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from edgecv.bench import (
-    RUNNERS,
-    backend_available,
-    benchmark_blocks,
-    create_runner,
-    evaluate,
-    measure_latency,
-    peak_memory_mb,
-    result_rows,
-)
-from edgecv.bench.device import cpu_model, host_facts, jetpack_for_l4t, jetson_facts, parse_nv_tegra_release
-from edgecv.bench.latency import LatencyStats, block_order, latency_stats
+from edgecv.bench.accuracy import evaluate
+from edgecv.bench.latency import LatencyStats, benchmark_blocks, block_order, latency_stats, measure_latency
+from edgecv.bench.measure import BenchSettings, Subject, measure
+from edgecv.bench.memory import peak_memory_mb
+from edgecv.bench.runners import RUNNERS, backend_available, create_runner
+from edgecv.device import cpu_model, host_facts, jetpack_for_l4t, jetson_facts, parse_nv_tegra_release
 from edgecv.errors import EdgecvError
 from edgecv.models import build_model
 
@@ -42,7 +36,7 @@ def model() -> torch.nn.Module:
 @pytest.fixture(scope="module")
 def onnx_path(model, tmp_path_factory):
     path = tmp_path_factory.mktemp("onnx") / "resnet8.onnx"
-    with warnings.catch_warnings():  # the TorchScript exporter is deprecated; the project pins it (DESIGN.md)
+    with warnings.catch_warnings():  # the TorchScript exporter is deprecated; the project pins it (tests/test_export_onnx.py)
         warnings.simplefilter("ignore", DeprecationWarning)
         export(model, path)
     return path
@@ -203,8 +197,30 @@ def test_benchmark_blocks_on_real_runners(model, onnx_path):
     for per_bs in results.values():
         s = per_bs[1]
         assert s.runs == 10 and s.min_ms <= s.p50_ms <= s.p99_ms
-    rows = result_rows("resnet8.onnx", "onnxruntime", results["ort"], accuracy={"top1": 90.0, "top5": 99.0})
-    assert rows[0]["batch_size"] == 1 and rows[0]["top1"] == 90.0 and rows[0]["energy_mj_per_image"] is None
+
+
+def test_measure_gives_one_row_per_model_with_every_batch(model, onnx_path):
+    """The one measurement API: accuracy (measured or given), memory, and per batch size latency."""
+    rng = np.random.default_rng(0)
+    val = [(rng.standard_normal((4, *INPUT_SHAPE), dtype=np.float32), np.array([0, 1, 2, 3])) for _ in range(2)]
+    subjects = [
+        Subject("model.onnx", create_runner("onnxruntime", onnx_path, threads=1), "onnx", stage="export",
+                macs=10, params=5, size_bytes=onnx_path.stat().st_size),
+        Subject("model.pt", create_runner("torch", model), "torch", stage="train",
+                accuracy={"top1": 12.5, "top5": 50.0}, deployable=False, note="for comparison"),
+    ]
+    rows = measure(subjects, BenchSettings((1, 2), warmup=1, runs=3, rounds=2), INPUT_SHAPE, lambda: val)
+    assert [r.model for r in rows] == ["model.onnx", "model.pt"]
+    onnx_row, torch_row = rows
+    assert onnx_row.backend == "onnxruntime" and torch_row.backend == "torch"
+    assert onnx_row.batch_sizes == [1, 2] and all(b.runs == 6 for b in onnx_row.latency)
+    assert onnx_row.at(2).throughput_ips == pytest.approx(2000 / onnx_row.at(2).p50_ms)
+    expected = evaluate(subjects[0].runner, val)
+    assert (onnx_row.top1, onnx_row.top5) == (round(expected["top1"], 3), round(expected["top5"], 3))
+    assert (torch_row.top1, torch_row.deployable, torch_row.note) == (12.5, False, "for comparison")
+    assert onnx_row.memory_mb is not None and onnx_row.memory_mb >= 0
+    assert set(onnx_row.to_dict()) == set(torch_row.to_dict())
+    assert onnx_row.at(1).energy_mj_per_image is None  # not a Jetson: not measured, not zero
 
 
 def test_evaluate_counts_known_answers(onnx_path):
@@ -222,8 +238,8 @@ def test_evaluate_counts_known_answers(onnx_path):
     # First batch right, second batch at rank 6: half the images in top-1 and in top-5.
     mixed = [(images[0], order[0][:, 0]), (images[1], order[1][:, 6])]
     seen: list[int] = []
-    assert evaluate(runner, mixed, total=16, progress=seen.append) == {"top1": 50.0, "top5": 50.0, "n": 16}
-    assert seen == [8, 8]
+    assert evaluate(runner, mixed, progress=seen.append) == {"top1": 50.0, "top5": 50.0, "n": 16}
+    assert seen == [1, 1]
 
 
 def test_evaluate_with_fewer_than_five_classes_and_bad_labels():

@@ -15,6 +15,7 @@ from edgecv.compress.quantize import (
     CALIBRATORS,
     PROFILES,
     FakeQuantize,
+    QuantSpec,
     TensorStats,
     apply_calibrator,
     collect_stats,
@@ -54,7 +55,8 @@ def _heavy_tailed_stats() -> TensorStats:
 @pytest.mark.parametrize("method", CALIBRATORS.names())
 def test_each_calibrator_gives_a_finite_range_inside_max(method, symmetric):
     stats = _heavy_tailed_stats()
-    lo, hi = CALIBRATORS.get(method)(stats, symmetric, 99.9)
+    options = {"percentile": 99.9} if "percentile" in CALIBRATORS.get(method).options else {}
+    lo, hi = CALIBRATORS.get(method)(stats, symmetric, **options)
     assert math.isfinite(lo) and math.isfinite(hi) and lo < 0 < hi
     assert -stats.absmax - 1e-6 <= lo and hi <= stats.absmax + 1e-6
 
@@ -62,10 +64,21 @@ def test_each_calibrator_gives_a_finite_range_inside_max(method, symmetric):
 @pytest.mark.parametrize("method", ["percentile", "entropy"])
 def test_calibrators_clip_heavy_tails(method):
     stats = _heavy_tailed_stats()
-    _, hi = CALIBRATORS.get(method)(stats, True, 99.9)
+    options = {"percentile": 99.9} if method == "percentile" else {}
+    _, hi = CALIBRATORS.get(method)(stats, True, **options)
     assert hi < 0.5 * stats.absmax  # the max is an outlier; these must not follow it
     # mse weighs the squared error of outliers too, so on Student-t(2) it only has to stay within max
-    assert CALIBRATORS.get("mse")(stats, True, 99.9)[1] <= stats.absmax
+    assert CALIBRATORS.get("mse")(stats, True)[1] <= stats.absmax
+
+
+def test_a_calibrator_refuses_an_option_it_does_not_take():
+    model, x = _model()
+    qmodel = prepare_qat(model, "onnxruntime", x[:2])
+    stats = collect_stats(qmodel, [x])
+    with pytest.raises(EdgecvError, match="calibrator 'max' takes no option 'percentile'"):
+        apply_calibrator(qmodel, stats, "max", percentile=99.9)
+    with pytest.raises(EdgecvError, match="percentile must be between 50 and 100"):
+        apply_calibrator(qmodel, stats, "percentile", percentile=100.0)
 
 
 def test_histogram_keeps_every_value_when_ranges_grow():
@@ -121,11 +134,7 @@ def test_skip_layers_stay_float_and_are_validated():
     model, x = _model()
     qmodel = prepare_qat(model, "tensorrt", x[:2], skip_layers=["layer1.0.conv1", "fc"])
     assert "fc" not in quantizable_layers(qmodel) and "layer1.0.conv1" not in quantizable_layers(qmodel)
-    assert quant_spec(qmodel) == {
-        "target": "tensorrt",
-        "skip_layers": ["layer1.0.conv1", "fc"],
-        "freeze_bn": True,
-    }
+    assert quant_spec(qmodel) == QuantSpec("tensorrt", ("layer1.0.conv1", "fc"), freeze_bn=True)
     with pytest.raises(EdgecvError, match="'layer9.conv'"):
         prepare_qat(model, "tensorrt", x[:2], skip_layers=["layer9.conv"])
     with pytest.raises(EdgecvError, match="unknown quantization target 'tflite'"):
@@ -136,10 +145,11 @@ REBUILD = """
 import sys, torch
 from edgecv.compress.quantize import prepare_qat
 from edgecv.models import build_model
-spec = {spec}
+from edgecv.compress.quantize import QuantSpec, build_quantized
+spec = QuantSpec.from_dict({spec})
 state = torch.load(sys.argv[1], weights_only=True)
 model = build_model("edgecv:resnet8", num_classes=10, in_channels=3)
-qmodel = prepare_qat(model, example_input=torch.zeros(1, 3, 32, 32), **spec)
+qmodel = build_quantized(model, spec, torch.zeros(1, 3, 32, 32))
 qmodel.load_state_dict(state)
 x = torch.load(sys.argv[2], weights_only=True)
 with torch.no_grad():
@@ -160,7 +170,7 @@ def test_rebuild_from_spec_and_state_dict_in_a_fresh_process(target, freeze_bn, 
     qmodel.eval()
     with torch.no_grad():
         expected = qmodel(x)
-    spec = quant_spec(qmodel)
+    spec = quant_spec(qmodel).to_dict()
     json.dumps(spec)
     torch.save(qmodel.state_dict(), tmp_path / "state.pt")
     torch.save(x, tmp_path / "x.pt")

@@ -7,17 +7,14 @@ import json
 import pytest
 import yaml
 
+from edgecv.bench.runners import RUNNERS
+from edgecv.compress.prune import IMPORTANCES
+from edgecv.compress.quantize import CALIBRATORS, PROFILES
+from edgecv.config import apply_overrides
+from edgecv.data.datasets import DATASETS
 from edgecv.errors import EdgecvError
-from edgecv.recipe import (
-    STAGE_CONFIGS,
-    Recipe,
-    apply_overrides,
-    dump_recipe,
-    list_recipes,
-    load_recipe,
-    recipe_schema,
-    validate,
-)
+from edgecv.recipe import Recipe, dump_recipe, list_recipes, load_recipe, recipe_schema, validate
+from edgecv.stages import listed_stages
 
 BASE = {"name": "r", "model": {"name": "edgecv:resnet8"}}
 
@@ -49,7 +46,19 @@ def test_bundled_recipes_include_quickstart_and_imagenet():
         ({**BASE, "stages": [{"prune": {}}]}, "exactly one of 'ratio' or 'target_macs'"),
         ({**BASE, "train": {"optimizer": "adam"}}, "train.optimizer: input should be 'sgd' or 'adamw' (got 'adam')"),
         ({**BASE, "train": {"epochs": "many"}}, "train.epochs: input should be a valid integer"),
-        ({**BASE, "stages": [{"qat": {"target": "tflite"}}]}, "'onnxruntime' or 'tensorrt' (got 'tflite')"),
+        ({**BASE, "stages": [{"qat": {"target": "tflite"}}]},
+         "stages[0].qat.target: unknown quantization target 'tflite'; choose from: onnxruntime, tensorrt"),
+        ({**BASE, "stages": [{"ptq": {"calibrator": "max", "compare": ["max"], "percentile": 99.9}}]},
+         "percentile: only the 'percentile' calibrator takes it"),
+        ({**BASE, "stages": [{"ptq": {"percentile": 101}}]}, "stages[0].ptq.percentile: input should be less than 100"),
+        ({**BASE, "stages": [{"prune": {"ratio": 0.5, "taylor_batches": 2}}]},
+         "taylor_batches: only importance 'taylor' takes it"),
+        ({**BASE, "stages": [{"prune": {"ratio": 0.5, "importance": "taylr"}}]},
+         "unknown pruning importance 'taylr' (did you mean 'taylor'?)"),
+        ({**BASE, "data": {"dataset": "fashion-mnist", "num_classes": 4}},
+         "data.num_classes: the 'fashion-mnist' dataset does not take it"),
+        ({**BASE, "data": {"dataset": "cifar"}}, "data.dataset: unknown dataset 'cifar'"),
+        ({**BASE, "bench": {"backends": ["onnxruntime", "tflite"]}}, "bench.backends[1]: unknown bench backend 'tflite'"),
         ({**BASE, "stages": [{"ptq": {"skip_layers": "most:3"}}]}, "'auto:N'"),
         ({**BASE, "stages": [{"export": {}}, {"prune": {"ratio": 0.5}}]}, "'export' must be the last stage"),
         ({"name": "r"}, "missing key 'model'"),
@@ -117,11 +126,40 @@ def test_schema_lists_every_stage():
     schema = recipe_schema()
     json.dumps(schema)
     stage_names = {next(iter(s["properties"])) for s in schema["properties"]["stages"]["items"]["oneOf"]}
-    assert stage_names == set(STAGE_CONFIGS)
+    assert stage_names == set(listed_stages()) and "train" not in stage_names
     assert schema["additionalProperties"] is False
 
 
-@pytest.mark.parametrize("stage", sorted(STAGE_CONFIGS))
+def _enum(schema: dict, definition: str, prop: str) -> list[str]:
+    node = schema["$defs"][definition]["properties"][prop]
+    node = node.get("items", node)
+    return next(n["enum"] for n in [node, *node.get("anyOf", [])] if "enum" in n)
+
+
+@pytest.mark.parametrize(
+    "definition, prop, registry, extra",
+    [
+        ("DataConfig", "dataset", DATASETS, []),
+        ("PruneStageConfig", "importance", IMPORTANCES, []),
+        ("PTQConfig", "calibrator", CALIBRATORS, ["best"]),
+        ("PTQConfig", "compare", CALIBRATORS, []),
+        ("QATConfig", "target", PROFILES, []),
+        ("BenchConfig", "backends", RUNNERS, []),
+    ],
+)
+def test_schema_choices_come_from_the_registries(definition, prop, registry, extra):
+    assert _enum(recipe_schema(), definition, prop) == [*registry.names(), *extra]
+
+
+def test_a_new_plug_in_is_one_edit(monkeypatch):
+    """Registering an importance makes it valid in a recipe and lists it in the schema; nothing else."""
+    monkeypatch.setitem(IMPORTANCES._entries, "my-criterion", IMPORTANCES.get("l1"))
+    recipe = validate({**BASE, "stages": [{"prune": {"ratio": 0.5, "importance": "my-criterion"}}]})
+    assert recipe.stages[0].importance == "my-criterion"
+    assert "my-criterion" in _enum(recipe_schema(), "PruneStageConfig", "importance")
+
+
+@pytest.mark.parametrize("stage", listed_stages())
 def test_every_stage_config_has_defaults_or_says_what_it_needs(stage):
     raw = {**BASE, "stages": [{stage: {"ratio": 0.5} if stage == "prune" else {}}]}
     recipe = validate(raw)

@@ -239,7 +239,7 @@ def test_build_engine_without_tensorrt_is_a_user_error(float_onnx, tmp_path):
 @pytest.mark.tensorrt
 def test_build_and_run_engine_matches_onnxruntime(float_onnx, tmp_path):
     pytest.importorskip("tensorrt")
-    from edgecv.bench import create_runner
+    from edgecv.bench.runners import create_runner
     from edgecv.export.tensorrt import build_engine
 
     engine = tmp_path / "model.engine"
@@ -337,7 +337,7 @@ def test_parse_trtexec_rejects_garbage(text):
 
 def test_runner_checks_metadata_before_loading_the_engine(tmp_path, monkeypatch):
     import edgecv.export.tensorrt as trt_export
-    from edgecv.bench import create_runner
+    from edgecv.bench.runners import create_runner
 
     engine = tmp_path / "model.engine"
     engine.write_bytes(b"not really an engine")  # never read: the check comes first

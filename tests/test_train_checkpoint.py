@@ -9,18 +9,20 @@ import pytest
 import torch
 from conftest import TINY
 
-from edgecv.compress.distill import distillation_loss
-from edgecv.compress.prune import IMPORTANCES, count_macs_params, prune_model
-from edgecv.data import build_data
+from edgecv.checkpoint import load_model, save_model
+from edgecv.compress.distill import DistillConfig, distillation_loss
+from edgecv.compress.prune import IMPORTANCES, PruneConfig, prune_model
+from edgecv.data.config import DataConfig
+from edgecv.data.datasets import build_data
 from edgecv.errors import EdgecvError
 from edgecv.models import build_model
-from edgecv.recipe import DataConfig, DistillConfig, PruneConfig, TrainConfig
-from edgecv.train import evaluate_model, fit
-from edgecv.train.checkpoint import load_model, save_model
+from edgecv.models.complexity import count_macs_params
+from edgecv.models.spec import ModelSpec
+from edgecv.train.config import TrainConfig
+from edgecv.train.loop import evaluate_model, fit
 from edgecv.train.optim import lr_factor
 
-SPEC = {"name": "edgecv:resnet8", "num_classes": 4, "in_channels": 3, "image_size": 16, "width": 8,
-        "small_input_stem": None}
+SPEC = ModelSpec("edgecv:resnet8", num_classes=4, in_channels=3, image_size=16, width=8)
 
 
 def tiny_data():
@@ -97,15 +99,26 @@ def test_pruned_checkpoint_reloads_in_a_fresh_process(tmp_path):
     torch.save(x, tmp_path / "x.pt")
     torch.save(pruned(x).detach(), tmp_path / "y.pt")
     code = (
-        "import torch, sys; from edgecv.train.checkpoint import load_model\n"
+        "import torch, sys; from edgecv.checkpoint import load_model\n"
         f"m, h = load_model(r'{path}')\n"
         f"x = torch.load(r'{tmp_path / 'x.pt'}', weights_only=True); y = torch.load(r'{tmp_path / 'y.pt'}', weights_only=True)\n"
         "assert torch.equal(m(x), y), (m(x) - y).abs().max()\n"
-        "print('identical', h['shapes']['layer1.0.conv1']['out_channels'])\n"
+        "print('identical', h.shapes['layer1.0.conv1']['out_channels'])\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("identical") and int(proc.stdout.split()[1]) < 8
+
+
+def test_checkpoint_keeps_the_state_dict_metadata(tmp_path):
+    """MNASNet checks the module version stored in state_dict._metadata when it loads; a checkpoint that
+    drops the metadata cannot be reloaded ("version should be set to 1 or 2 instead of None")."""
+    spec = ModelSpec("torchvision:mnasnet0_5", num_classes=4, in_channels=3, image_size=32)
+    model = build_model(spec.name, **spec.build_kwargs()).eval()
+    save_model(tmp_path / "m.pt", model, spec)
+    again, header = load_model(tmp_path / "m.pt")
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(again(x), model(x)) and header.spec == spec
 
 
 def test_checkpoints_hold_no_pickled_code(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -17,17 +18,16 @@ def topk_correct(logits: np.ndarray, labels: np.ndarray, k: int) -> int:
 
 
 def evaluate(
-    runner: Callable[[np.ndarray], np.ndarray],
-    batches: Iterable[tuple[np.ndarray, np.ndarray]],
-    total: int | None = None,
+    runner: Callable[[Any], Any],
+    batches: Iterable[tuple[Any, Any]],
     progress: Callable[[int], None] | None = None,
 ) -> dict:
-    """{"top1": %, "top5": %, "n": images}. Top-5 uses min(5, classes): with 5 classes or fewer
-    top-5 is 100 %. `total` (images) is only a hint for the caller's progress bar; `progress(n)` is called
-    with each batch's image count, and "n" reports the images actually seen."""
+    """{"top1": %, "top5": %, "n": images}: the one accuracy measure, for every backend and for validation
+    during training. `runner(images)` gets each batch as the loader gives it (numpy or torch) and returns
+    logits (numpy, or anything np.asarray takes). Top-5 uses min(5, classes): with 5 classes or fewer top-5
+    is 100 %. `progress(1)` is called after each batch."""
     n = correct1 = correct5 = 0
     for images, labels in batches:
-        images = np.asarray(images, dtype=np.float32)
         labels = np.asarray(labels).astype(np.int64).reshape(-1)
         logits = np.asarray(runner(images))
         if logits.ndim != 2 or logits.shape[0] != labels.shape[0]:
@@ -44,7 +44,7 @@ def evaluate(
         correct5 += topk_correct(logits, labels, 5)
         n += labels.shape[0]
         if progress is not None:
-            progress(labels.shape[0])
+            progress(1)
     if n == 0:
         raise EdgecvError("no images to evaluate: the dataset split is empty")
     return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "n": n}

@@ -1,4 +1,4 @@
-"""Latency and throughput of runners, timed in blocks as DESIGN.md "Measuring on two cores" prescribes.
+"""Latency and throughput of runners, timed in blocks, so that runtimes sharing a few cores do not disturb each other.
 
 Each block is a warm-up then N timed runs of one runner at one batch size. Runners are never interleaved
 run by run: an ONNX Runtime session's idle threads spin after each run and steal the cores from whatever

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -42,9 +43,10 @@ RUNNERS: Registry[RunnerFactory] = Registry("bench backend")
 def create_runner(
     backend: str, model: nn.Module | str | Path, *, device: str = "cpu", threads: int | None = None
 ) -> Runner:
-    """Build the runner for `backend` ("torch", "onnxruntime", "tensorrt") on `model`."""
-    if device not in ("cpu", "cuda"):
-        raise EdgecvError(f"device {device!r} is not supported; choose 'cpu' or 'cuda'")
+    """Build the runner for `backend` ("torch", "onnxruntime", "tensorrt") on `model`; `device` is "cpu",
+    "cuda" or "cuda:N" (the index is kept: GPU N runs it)."""
+    if device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", device):
+        raise EdgecvError(f"device {device!r} is not supported; choose 'cpu', 'cuda' or 'cuda:N'")
     if threads is not None and threads < 1:
         raise EdgecvError(f"threads must be >= 1, got {threads}")
     factory = RUNNERS.get(backend)
@@ -94,7 +96,7 @@ class TorchRunner:
                 f"backend 'torch' runs a model built in Python (nn.Module), not a file{where}; "
                 "load the checkpoint first, or use --backend onnxruntime for a .onnx file"
             )
-        if device == "cuda" and not torch.cuda.is_available():
+        if device.startswith("cuda") and not torch.cuda.is_available():
             raise EdgecvError("device 'cuda' requested for backend 'torch' but torch sees no CUDA GPU")
         if threads is not None:
             torch.set_num_threads(threads)
@@ -102,6 +104,8 @@ class TorchRunner:
         self._torch = torch
         self.device = device
         self.threads = torch.get_num_threads() if device == "cpu" else None
+        if device.startswith("cuda"):
+            torch.cuda.set_device(torch.device(device))
         self.model = model.to(device).eval()
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
@@ -110,12 +114,18 @@ class TorchRunner:
             x = torch.from_numpy(_as_input(batch)).to(self.device)
             return self.model(x).float().cpu().numpy()
 
+    def memory_mb(self, batch: np.ndarray) -> float | None:
+        """Peak memory one call adds: torch's allocator peak on CUDA, resident-set growth on the CPU."""
+        from edgecv.bench.memory import peak_memory_mb
+
+        return peak_memory_mb(lambda: self(batch), device="cuda" if self.device.startswith("cuda") else "cpu")
+
     def describe(self) -> dict:
         torch = self._torch
-        name = torch.cuda.get_device_name(0) if self.device == "cuda" else "cpu"
         return {
             "backend": self.backend,
-            "device": name,
+            "device": self.device,
+            "device_name": torch.cuda.get_device_name(torch.device(self.device)) if self.device != "cpu" else None,
             "threads": self.threads,
             "versions": {"torch": torch.__version__},
             "providers": [],
@@ -142,14 +152,15 @@ class OnnxRuntimeRunner:
         options.log_severity_level = 3  # errors only: users see our one line, not ORT's warnings
         # Denormal floats make float kernels up to 10x slower on x86; deployments flush them (torch too, below).
         options.add_session_config_entry("session.set_denormal_as_zero", "1")
-        providers = ["CPUExecutionProvider"]
-        if device == "cuda":
+        providers: list = ["CPUExecutionProvider"]
+        if device.startswith("cuda"):
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise EdgecvError(
                     "device 'cuda' requested but this onnxruntime has no CUDAExecutionProvider "
                     "(install onnxruntime-gpu)"
                 )
-            providers.insert(0, "CUDAExecutionProvider")
+            index = int(device.partition(":")[2] or 0)
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": index}))
         try:
             self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
         except Exception as exc:  # ORT raises Fail / InvalidProtobuf / InvalidGraph / NotImplemented

@@ -12,10 +12,12 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 import torch_pruning as tp
+from pydantic import Field, model_validator
 from torch import nn
 
+from edgecv.config import Strict, registry_choice
 from edgecv.errors import EdgecvError
-from edgecv.recipe import PruneConfig
+from edgecv.models.complexity import count_macs_params
 from edgecv.registry import Registry
 
 IMPORTANCES: Registry[Callable[[], object]] = Registry("pruning importance")
@@ -25,12 +27,28 @@ IMPORTANCES.register("taylor", lambda: tp.importance.GroupTaylorImportance())
 IMPORTANCES.register("random", lambda: tp.importance.RandomImportance())
 
 
-def count_macs_params(model: nn.Module, example_input: torch.Tensor) -> tuple[int, int]:
-    was_training = model.training
-    model.eval()
-    macs, params = tp.utils.count_ops_and_params(model, example_input)
-    model.train(was_training)
-    return int(macs), int(params)
+TAYLOR_BATCHES = 4  # default number of batches the taylor importance scores channels on
+
+
+class PruneConfig(Strict):
+    """How to prune: by a channel ratio or to a fraction of the MACs, with an importance criterion."""
+
+    ratio: float | None = Field(None, gt=0.0, lt=1.0, description="fraction of channels removed")
+    target_macs: float | None = Field(None, gt=0.0, lt=1.0, description="fraction of MACs kept")
+    importance: registry_choice(lambda: IMPORTANCES) = "l2"  # type: ignore[valid-type]
+    iterative_steps: int = Field(1, ge=1)
+    ignore: list[str] = Field(default_factory=list, description="module names never pruned")
+    round_to: int | None = Field(None, ge=1, description="keep channel counts multiples of this")
+    global_pruning: bool = False
+    taylor_batches: int | None = Field(None, ge=1, description="taylor: batches used to score channels (default 4)")
+
+    @model_validator(mode="after")
+    def _one_goal(self) -> PruneConfig:
+        if (self.ratio is None) == (self.target_macs is None):
+            raise ValueError("prune needs exactly one of 'ratio' or 'target_macs'")
+        if self.taylor_batches is not None and self.importance != "taylor":
+            raise ValueError(f"taylor_batches: only importance 'taylor' takes it, not {self.importance!r}")
+        return self
 
 
 def _ignored_layers(model: nn.Module, names: Sequence[str]) -> list[nn.Module]:
@@ -69,7 +87,7 @@ def _prune_once(
             if not batches:
                 raise EdgecvError("prune.importance 'taylor' needs training batches to score channels")
             model.zero_grad()
-            for x, y in batches[: cfg.taylor_batches]:
+            for x, y in batches[: cfg.taylor_batches or TAYLOR_BATCHES]:
                 F.cross_entropy(model(x), y).backward()
         pruner.step()
     model.zero_grad(set_to_none=True)

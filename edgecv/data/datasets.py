@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from edgecv.data.config import DataConfig, option
 from edgecv.data.loaders import LimitedLoader, TensorLoader
 from edgecv.errors import EdgecvError
-from edgecv.recipe import DataConfig
 from edgecv.registry import Registry
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -41,6 +41,8 @@ class DataBundle:
     class_names: list[str] = field(default_factory=list)
     calib: Iterable | None = None  # un-augmented training batches, for calibration
     source: str = ""
+    mean: tuple[float, ...] = ()  # per-channel normalization of pixel values in [0, 1]
+    std: tuple[float, ...] = ()
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -69,6 +71,16 @@ class DataBundle:
 
 DatasetFactory = Callable[..., DataBundle]
 DATASETS: Registry[DatasetFactory] = Registry("dataset")
+
+
+def dataset(name: str, options: tuple[str, ...] = ()) -> Callable[[DatasetFactory], DatasetFactory]:
+    """Register a dataset factory; `options` are the dataset-specific `data` keys it takes."""
+
+    def register(factory: DatasetFactory) -> DatasetFactory:
+        factory.options = options  # type: ignore[attr-defined]
+        return DATASETS.register(name, factory)
+
+    return register
 
 
 def build_data(cfg: DataConfig, root: str | None = None, seed: int = 0, rank: int = 0, world_size: int = 1) -> DataBundle:
@@ -148,7 +160,7 @@ def _subset(images: torch.Tensor, labels: torch.Tensor, limit: int | None):
     return (images[:limit], labels[:limit]) if limit else (images, labels)
 
 
-@DATASETS.register("fashion-mnist")
+@dataset("fashion-mnist")
 def fashion_mnist(cfg: DataConfig, root: str | None, seed: int = 0, rank: int = 0, world_size: int = 1) -> DataBundle:
     folder = find_fashion_mnist(root)
     arrays = {}
@@ -172,7 +184,8 @@ def _tensor_bundle(name, cfg, arrays, mean, std, seed, rank, world_size, class_n
                          seed=seed, rank=rank, world_size=world_size, drop_last=len(tr_y) > cfg.batch_size)
     calib = TensorLoader(tr_x, tr_y, cfg.batch_size, mean, std, shuffle=True, seed=seed + 1)
     val = TensorLoader(va_x, va_y, cfg.eval_batch_size, mean, std)
-    return DataBundle(name, train, val, len(class_names), tr_x.shape[1], tr_x.shape[-1], class_names, calib, source)
+    return DataBundle(name, train, val, len(class_names), tr_x.shape[1], tr_x.shape[-1], class_names, calib, source,
+                      tuple(mean), tuple(std))
 
 
 # --------------------------------------------------------------------------- synthetic
@@ -192,14 +205,15 @@ def synthetic_arrays(num_classes: int, channels: int, size: int, n: int, seed: i
     return (images * 255).round().clamp(0, 255).to(torch.uint8), labels
 
 
-@DATASETS.register("synthetic")
+@dataset("synthetic", options=("num_classes", "channels", "train_size", "val_size"))
 def synthetic(cfg: DataConfig, root: str | None, seed: int = 0, rank: int = 0, world_size: int = 1) -> DataBundle:
+    classes, channels = option(cfg.num_classes, 10), option(cfg.channels, 3)
     arrays = {
-        "train": synthetic_arrays(cfg.num_classes, cfg.channels, cfg.image_size, cfg.train_size, 1),
-        "val": synthetic_arrays(cfg.num_classes, cfg.channels, cfg.image_size, cfg.val_size, 2),
+        "train": synthetic_arrays(classes, channels, cfg.image_size, option(cfg.train_size, 512), 1),
+        "val": synthetic_arrays(classes, channels, cfg.image_size, option(cfg.val_size, 256), 2),
     }
-    mean, std = (0.5,) * cfg.channels, (0.25,) * cfg.channels
-    names = [f"class{i}" for i in range(cfg.num_classes)]
+    mean, std = (0.5,) * channels, (0.25,) * channels
+    names = [f"class{i}" for i in range(classes)]
     return _tensor_bundle("synthetic", cfg, arrays, mean, std, seed, rank, world_size, names, source="generated")
 
 
@@ -225,7 +239,7 @@ def imagenet_transforms(image_size: int, train: bool):
     ])
 
 
-@DATASETS.register("imagefolder")
+@dataset("imagefolder", options=("workers",))
 def imagefolder(cfg: DataConfig, root: str | None, seed: int = 0, rank: int = 0, world_size: int = 1) -> DataBundle:
     """ImageNet layout: `root/train/<class>/*.JPEG`, `root/val/<class>/*.JPEG`."""
     from torch.utils.data import DataLoader, Subset
@@ -257,13 +271,15 @@ def imagefolder(cfg: DataConfig, root: str | None, seed: int = 0, rank: int = 0,
         val_ds = Subset(val_ds, list(range(min(cfg.limit_val, len(val_ds)))))
     sampler = DistributedSampler(train_ds, world_size, rank, shuffle=True, seed=seed) if world_size > 1 else None
     g = torch.Generator().manual_seed(seed)
-    common = {"num_workers": cfg.workers, "persistent_workers": cfg.workers > 0}
+    workers = option(cfg.workers, 0)
+    common = {"num_workers": workers, "persistent_workers": workers > 0}
     train = DataLoader(train_ds, cfg.batch_size, shuffle=sampler is None, sampler=sampler, generator=g,
                        drop_last=len(train_ds) > cfg.batch_size, **common)
     calib = DataLoader(calib_ds, cfg.batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed + 1), **common)
     val = DataLoader(val_ds, cfg.eval_batch_size, shuffle=False, **common)
     classes = splits["train"].classes
-    return DataBundle("imagefolder", train, val, len(classes), 3, cfg.image_size, classes, calib, str(base))
+    return DataBundle("imagefolder", train, val, len(classes), 3, cfg.image_size, classes, calib, str(base),
+                      IMAGENET_MEAN, IMAGENET_STD)
 
 
 __all__ = ["DATASETS", "DataBundle", "LimitedLoader", "build_data", "synthetic_arrays"]

@@ -17,8 +17,8 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from edgecv.errors import EdgecvError
+from edgecv.registry import Registry
 
-TARGETS = ("onnxruntime", "tensorrt")
 # ops whose float execution matters for speed
 COMPUTE_OPS = {
     "Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Mul", "Sub", "Concat",
@@ -50,12 +50,8 @@ def inspect_onnx(path: Path, target: str) -> dict:
     """Integer vs float ops of `path` as `target` runs it, and placement rule violations.
     Returns {"target", "float_ops": [{"name", "op_type", "reason"}], "int_op_counts", "float_op_counts",
     "violations": [str]}."""
-    if target not in TARGETS:
-        raise EdgecvError(f"inspect target {target!r} is unknown; choose from: {', '.join(TARGETS)}")
-    proto = _load(Path(path))
-    if target == "onnxruntime":
-        return _inspect_onnxruntime(Path(path))
-    return _inspect_tensorrt(proto)
+    inspector = INSPECTORS.get(target)
+    return inspector(Path(path), _load(Path(path)))
 
 
 # ---- onnxruntime ------------------------------------------------------------------------------------
@@ -110,7 +106,7 @@ def _is_integer_op(op: str) -> bool:
     return op.startswith("QLinear") or op in ("QGemm", "ConvInteger", "MatMulInteger", "MatMulIntegerToFloat")
 
 
-def _inspect_onnxruntime(path: Path) -> dict:
+def _inspect_onnxruntime(path: Path, proto: onnx.ModelProto) -> dict:
     graph = ort_optimized_graph(path).graph
     types = _element_types(graph)
     float_ops, int_counts, float_counts = [], Counter(), Counter()
@@ -141,7 +137,7 @@ def _const(inits: dict, name: str) -> np.ndarray | None:
     return numpy_helper.to_array(inits[name]) if name in inits else None
 
 
-def _inspect_tensorrt(proto: onnx.ModelProto) -> dict:
+def _inspect_tensorrt(path: Path, proto: onnx.ModelProto) -> dict:
     graph = proto.graph
     inits = {i.name: i for i in graph.initializer}
     producer = {o: n for n in graph.node for o in n.output}
@@ -217,6 +213,12 @@ def _check_weight(node: onnx.NodeProto, dq_w: onnx.NodeProto, inits: dict) -> li
         if scale is None or scale.ndim != 1 or scale.shape[0] != channels or axis != 0:
             out.append(f"{node.name}: weight scale is not per-channel on axis 0")
     return out
+
+
+# One lint per quantization target (the same names as the placement profiles): (path, proto) -> report.
+INSPECTORS: Registry = Registry("inspect target")
+INSPECTORS.register("onnxruntime", _inspect_onnxruntime)
+INSPECTORS.register("tensorrt", _inspect_tensorrt)
 
 
 def _report(target, float_ops, int_counts, float_counts, violations) -> dict:

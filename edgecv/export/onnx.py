@@ -1,4 +1,4 @@
-"""ONNX export with the TorchScript exporter (dynamo=False, see DESIGN.md), Q/DQ post-processing, and a
+"""ONNX export with the TorchScript exporter (dynamo=False: the dynamo exporter fails on fake-quant with a dynamic batch), Q/DQ post-processing, and a
 parity check against torch with a real onnxruntime session.
 
 A fake-quant model (from prepare_qat) exports to QuantizeLinear/DequantizeLinear. The graph is then made
@@ -60,7 +60,7 @@ def export_onnx(
             )
         proto = onnx.load(str(tmp))
         if quantized:
-            int32_bias = PROFILES.get(quant_spec(model)["target"]).int32_bias
+            int32_bias = PROFILES.get(quant_spec(model).target).int32_bias
             proto = finalize_qdq(proto, int32_bias=int32_bias)
         else:  # initializers the exporter shared through Identity nodes confuse quantize_static
             _fold_constants(proto.graph)

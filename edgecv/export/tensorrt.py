@@ -267,7 +267,7 @@ def _cuda_device() -> tuple[str | None, str | None]:
 
 def current_device_facts() -> dict:
     """This device's {"tensorrt_version", "compute_capability", "device_name", "jetpack", "l4t"}."""
-    from edgecv.bench.device import jetson_facts
+    from edgecv.device import jetson_facts
 
     try:
         import tensorrt as trt

@@ -1,5 +1,2 @@
-"""One training loop for baseline, fine-tuning, distillation and QAT."""
-
-from edgecv.train.loop import evaluate_model, fit
-
-__all__ = ["evaluate_model", "fit"]
+"""One training loop for baseline, fine-tuning, distillation and QAT (`edgecv.train.loop.fit`), its
+optimizers and schedules, and torchrun / DDP support."""

@@ -12,40 +12,49 @@ from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgecv.compress.distill import distillation_loss
 from edgecv.console import console, make_progress
-from edgecv.recipe import DistillConfig, TrainConfig
-from edgecv.train.checkpoint import atomic_save
+from edgecv.io import atomic_torch_save
+from edgecv.train.config import TrainConfig
 from edgecv.train.distributed import DistInfo, all_reduce_mean
 from edgecv.train.optim import build_optimizer, build_scheduler
 
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
-@torch.no_grad()
+
+class CrossEntropy(nn.Module):
+    """The default loss: cross-entropy with label smoothing, as a `LossFn`."""
+
+    def __init__(self, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.label_smoothing = label_smoothing
+
+    def forward(self, logits: torch.Tensor, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+
+
 def evaluate_model(model: nn.Module, loader: Iterable, device: str = "cpu", progress=None, label: str = "eval") -> dict:
-    """Top-1 / top-5 accuracy (%) of a torch model over a loader."""
+    """Top-1 / top-5 accuracy (%) of a torch model over a loader, on `device`."""
+    from edgecv.bench.accuracy import evaluate
+
     was_training = model.training
     model.to(device).eval()
-    correct1 = correct5 = n = 0
+
+    @torch.no_grad()
+    def predict(images: torch.Tensor) -> np.ndarray:
+        return model(torch.as_tensor(images).to(device, non_blocking=True)).float().cpu().numpy()
+
     task = progress.add_task(label, total=len(loader), status="") if progress is not None else None
-    for x, y in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        logits = model(x).float()
-        k = min(5, logits.shape[1])
-        top = logits.topk(k, dim=1).indices
-        hit = top.eq(y.view(-1, 1))
-        correct1 += int(hit[:, 0].sum())
-        correct5 += int(hit.any(dim=1).sum())
-        n += len(y)
+    try:
+        return evaluate(predict, loader, progress=(lambda n: progress.advance(task, n)) if task is not None else None)
+    finally:
         if task is not None:
-            progress.advance(task)
-    if task is not None:
-        progress.remove_task(task)
-    model.train(was_training)
-    return {"top1": 100.0 * correct1 / max(1, n), "top5": 100.0 * correct5 / max(1, n), "n": n}
+            progress.remove_task(task)
+        model.train(was_training)
 
 
 def _append_jsonl(path: Path | None, record: dict) -> None:
@@ -65,12 +74,12 @@ def fit(
     log_path: Path | None = None,
     device: str = "cpu",
     label: str = "train",
-    teacher: nn.Module | None = None,
-    distill: DistillConfig | None = None,
+    loss_fn: LossFn | None = None,
     epoch_hook: Callable[[int, nn.Module], None] | None = None,
     dist_info: DistInfo | None = None,
 ) -> dict:
-    """Train `model` in place for `cfg.epochs` epochs; return the final validation metrics."""
+    """Train `model` in place for `cfg.epochs` epochs; return the final validation metrics.
+    `loss_fn(logits, images, labels)` replaces cross-entropy (distillation passes its loss here)."""
     dist_info = dist_info or DistInfo()
     model.to(device)
     train_model: nn.Module = model
@@ -78,8 +87,10 @@ def fit(
         train_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[dist_info.local_rank] if device.startswith("cuda") else None
         )
-    if teacher is not None:
-        teacher.to(device).eval()
+    if loss_fn is None:
+        loss_fn = CrossEntropy(cfg.label_smoothing)
+    if isinstance(loss_fn, nn.Module):
+        loss_fn.to(device)
     optimizer = build_optimizer(model, cfg)
     steps = len(train_loader)
     scheduler = build_scheduler(optimizer, cfg, steps)
@@ -115,13 +126,7 @@ def fit(
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 amp_ctx = torch.autocast("cuda", dtype=torch.float16) if use_amp else nullcontext()
                 with amp_ctx:
-                    logits = train_model(x)
-                    if teacher is not None and distill is not None:
-                        with torch.no_grad():
-                            t_logits = teacher(x)
-                        loss = distillation_loss(logits.float(), t_logits.float(), y, distill, cfg.label_smoothing)
-                    else:
-                        loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+                    loss = loss_fn(train_model(x).float(), x, y)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"{label}: loss became {loss.item()} at epoch {epoch + 1} step {step}")
                 optimizer.zero_grad(set_to_none=True)
@@ -156,7 +161,7 @@ def fit(
                 )
                 _append_jsonl(log_path, {"event": "epoch", "stage": label, **metrics})
                 if state_path is not None:
-                    atomic_save(
+                    atomic_torch_save(
                         {
                             "model": model.state_dict(),
                             "optimizer": optimizer.state_dict(),

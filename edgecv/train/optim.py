@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from edgecv.recipe import TrainConfig
+from edgecv.train.config import TrainConfig
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:

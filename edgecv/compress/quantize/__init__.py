@@ -27,8 +27,15 @@ from edgecv.compress.quantize.calibrate import (
     set_learnable_ranges,
 )
 from edgecv.compress.quantize.fakequant import FakeQuantize, QuantConv2d, QuantLinear
-from edgecv.compress.quantize.placement import META_KEY, PROFILES, PlacementProfile, build_quantized
+from edgecv.compress.quantize.placement import (
+    FLOAT_SHAPES_KEY,
+    META_KEY,
+    PROFILES,
+    PlacementProfile,
+    build_quantized,
+)
 from edgecv.compress.quantize.sensitivity import layer_sensitivity, resolve_skip_layers
+from edgecv.compress.quantize.spec import QuantSpec
 from edgecv.errors import EdgecvError
 
 __all__ = [
@@ -37,11 +44,14 @@ __all__ = [
     "CalibStats",
     "FakeQuantize",
     "PlacementProfile",
+    "QuantSpec",
     "QuantConv2d",
     "QuantLinear",
     "TensorStats",
     "apply_calibrator",
+    "build_quantized",
     "collect_stats",
+    "float_structure",
     "freeze_bn_stats",
     "is_quantized",
     "layer_sensitivity",
@@ -65,18 +75,25 @@ def prepare_qat(
     BatchNorm folded (or simulated-folded when freeze_bn=False), quantizers placed as the backend fuses
     them, weights per output channel. `skip_layers` (names from model.named_modules()) stay float.
     Quantizers start disabled: calibrate (collect_stats + apply_calibrator) to enable them."""
-    return build_quantized(model, target, example_input, skip_layers, freeze_bn)
+    if isinstance(skip_layers, str):
+        skip_layers = [skip_layers]
+    return build_quantized(model, QuantSpec(target, tuple(skip_layers), freeze_bn), example_input)
 
 
 def is_quantized(model: nn.Module) -> bool:
     return META_KEY in getattr(model, "meta", {})
 
 
-def quant_spec(qmodel: nn.Module) -> dict:
-    """What prepare_qat needs to rebuild `qmodel`'s structure: {"target", "skip_layers", "freeze_bn"}."""
+def quant_spec(qmodel: nn.Module) -> QuantSpec:
+    """What rebuilds `qmodel`'s structure: target, layers left in float, BatchNorm folding."""
     if not is_quantized(qmodel):
         raise EdgecvError("quant_spec: the model was not made by prepare_qat")
-    return dict(qmodel.meta[META_KEY])
+    return qmodel.meta[META_KEY]
+
+
+def float_structure(qmodel: nn.Module) -> dict[str, dict[str, int]]:
+    """The channel counts of the float model `qmodel` was made from (what a checkpoint rebuilds)."""
+    return qmodel.meta[FLOAT_SHAPES_KEY]
 
 
 def quantizable_layers(model_or_qmodel: nn.Module) -> list[str]:

@@ -132,14 +132,53 @@ def set_fake_quant(qmodel: nn.Module, enabled: bool) -> None:
         q.enabled.fill_(enabled)
 
 
-# ---- calibrators: (stats, symmetric, percentile) -> (lo, hi) -----------------------------------------
+# ---- calibrators: (stats, symmetric, **options) -> (lo, hi) -----------------------------------------
 
-Calibrator = Callable[[TensorStats, bool, float], tuple[float, float]]
+# The percentile calibrator's option: the share of values kept inside the range, in percent.
+PERCENTILE_BOUNDS = (50.0, 100.0)  # exclusive on both sides
+DEFAULT_PERCENTILE = 99.99
+
+
+@dataclass(frozen=True)
+class Calibrator:
+    """A range rule: `compute(stats, symmetric, **options) -> (lo, hi)`; `options` names the keyword
+    arguments it takes (with their defaults), so an option given to a calibrator that ignores it is refused."""
+
+    compute: Callable[..., tuple[float, float]]
+    options: dict[str, float] = field(default_factory=dict)
+
+    def __call__(self, stats: TensorStats, symmetric: bool, **options: float) -> tuple[float, float]:
+        return self.compute(stats, symmetric, **{**self.options, **options})
+
+
 CALIBRATORS: Registry[Calibrator] = Registry("calibrator")
 
 
-@CALIBRATORS.register("max")
-def calibrate_max(s: TensorStats, symmetric: bool, percentile: float) -> tuple[float, float]:
+def calibrator(name: str, **options: float) -> Callable[[Callable], Callable]:
+    def register(fn: Callable) -> Callable:
+        CALIBRATORS.register(name, Calibrator(fn, options))
+        return fn
+
+    return register
+
+
+def check_calibrator_options(method: str, options: dict[str, float]) -> None:
+    """Refuse an option that calibrator `method` does not take, and a percentile out of bounds."""
+    taken = CALIBRATORS.get(method).options
+    for key, value in options.items():
+        if key not in taken:
+            raise EdgecvError(
+                f"calibrator {method!r} takes no option {key!r}"
+                + (f" (it takes: {', '.join(taken)})" if taken else "")
+            )
+        if key == "percentile" and not PERCENTILE_BOUNDS[0] < value < PERCENTILE_BOUNDS[1]:
+            raise EdgecvError(
+                f"percentile must be between {PERCENTILE_BOUNDS[0]:g} and {PERCENTILE_BOUNDS[1]:g}, got {value}"
+            )
+
+
+@calibrator("max")
+def calibrate_max(s: TensorStats, symmetric: bool) -> tuple[float, float]:
     return (-s.absmax, s.absmax) if symmetric else (s.min, s.max)
 
 
@@ -157,7 +196,7 @@ def _quantile(counts: np.ndarray, edges_lo: np.ndarray, width: float, q: float) 
     return float(edges_lo[i] + frac * width)
 
 
-@CALIBRATORS.register("percentile")
+@calibrator("percentile", percentile=DEFAULT_PERCENTILE)
 def calibrate_percentile(s: TensorStats, symmetric: bool, percentile: float) -> tuple[float, float]:
     q = percentile / 100.0
     w = s.bin_width
@@ -183,13 +222,13 @@ def _grid_mse(centers: np.ndarray, counts: np.ndarray, lo: float, hi: float, sym
     return float(np.sum(counts * (centers - q) ** 2))
 
 
-@CALIBRATORS.register("mse")
-def calibrate_mse(s: TensorStats, symmetric: bool, percentile: float) -> tuple[float, float]:
+@calibrator("mse")
+def calibrate_mse(s: TensorStats, symmetric: bool) -> tuple[float, float]:
     """The range (the max range shrunk by a factor in [0.05, 1]) with the least quantization MSE."""
     centers, counts = s.centers(), s.counts
     nz = counts > 0
     centers, counts = centers[nz], counts[nz]
-    best, best_err = calibrate_max(s, symmetric, percentile), float("inf")
+    best, best_err = calibrate_max(s, symmetric), float("inf")
     lo0, hi0 = best
     for a in np.linspace(0.05, 1.0, 96):
         err = _grid_mse(centers, counts, lo0 * a, hi0 * a, symmetric)
@@ -229,8 +268,8 @@ def _entropy_amax(hist: np.ndarray, width: float, levels: int, stride: int = 8) 
     return best_i * width
 
 
-@CALIBRATORS.register("entropy")
-def calibrate_entropy(s: TensorStats, symmetric: bool, percentile: float) -> tuple[float, float]:
+@calibrator("entropy")
+def calibrate_entropy(s: TensorStats, symmetric: bool) -> tuple[float, float]:
     if not symmetric and s.min >= 0:  # unsigned, one-sided (after ReLU): all 256 levels on [0, max]
         amax = _entropy_amax(s.counts[s.n_neg :], s.bin_width, 256)
         return 0.0, min(amax, s.max)
@@ -238,20 +277,17 @@ def calibrate_entropy(s: TensorStats, symmetric: bool, percentile: float) -> tup
     return (-amax, amax) if symmetric else (max(s.min, -amax), min(s.max, amax))
 
 
-def apply_calibrator(
-    qmodel: nn.Module, stats: CalibStats, method: str = "max", percentile: float = 99.99
-) -> None:
-    """Set every activation quantizer's range from `stats` with calibrator `method`, weight quantizers to
-    their per-channel max, and enable fake quant."""
-    calibrator = CALIBRATORS.get(method)
-    if not 0.0 < percentile <= 100.0:
-        raise EdgecvError(f"calibration.percentile must be in (0, 100], got {percentile}")
+def apply_calibrator(qmodel: nn.Module, stats: CalibStats, method: str = "max", **options: float) -> None:
+    """Set every activation quantizer's range from `stats` with calibrator `method` (and the options it
+    takes, e.g. percentile=99.99), weight quantizers to their per-channel max, and enable fake quant."""
+    check_calibrator_options(method, options)
+    rule = CALIBRATORS.get(method)
     for name, q in fake_quantizers(qmodel):
         if q.is_weight:
             continue  # set below from the weight it quantizes
         s = stats.tensors.get(name)
         if s is not None and s.counts.size:
-            lo, hi = calibrator(s, q.symmetric, percentile)
+            lo, hi = rule(s, q.symmetric, **options)
             if not (np.isfinite(lo) and np.isfinite(hi)):
                 raise EdgecvError(f"calibration: {method} gave a non-finite range for {name}")
             q.set_range(lo, hi)

@@ -5,14 +5,14 @@ A placement profile decides where activations are fake-quantized and with which 
 - `onnxruntime`: every tensor quantized once (uint8, asymmetric), after the activation that follows a conv,
   after residual Adds, Muls, Concats and pools, MaxPool sharing its input's quantizer, the pooled features
   quantized again after Flatten, and the logits quantized. ORT then fuses DQ -> op -> Q into QLinearConv,
-  QLinearAdd, QGemm ... (the graph `quantize_static` U8 gives; see DESIGN.md).
+  QLinearAdd, QGemm ... (the graph ONNX Runtime's `quantize_static` gives with U8 activations).
 - `tensorrt`: int8 symmetric Q/DQ on the input of every Conv/Linear and on both inputs of residual Adds only.
 """
 
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -20,10 +20,13 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from edgecv.compress.quantize.fakequant import FakeQuantize, QuantConv2d, QuantLinear, fold_bn_into
+from edgecv.compress.quantize.spec import QuantSpec
 from edgecv.errors import EdgecvError
+from edgecv.models.shapes import model_shapes
 from edgecv.registry import Registry
 
 META_KEY = "edgecv_quant"
+FLOAT_SHAPES_KEY = "edgecv_float_shapes"
 
 
 def _leaf_types() -> tuple[type, ...]:
@@ -362,34 +365,32 @@ def float_quantizable_layers(model: nn.Module) -> list[str]:
 
 def build_quantized(
     model: nn.Module,
-    target: str,
+    spec: QuantSpec,
     example_input: torch.Tensor,
-    skip_layers: Sequence[str] = (),
-    freeze_bn: bool = True,
     place: Callable[[Placer, set[str]], None] | None = None,
 ) -> fx.GraphModule:
-    """prepare_qat's body; `place` overrides the profile's placement (sensitivity analysis)."""
-    profile = PROFILES.get(target)
-    if isinstance(skip_layers, str):
-        skip_layers = [skip_layers]
-    known = float_quantizable_layers(model)
-    unknown = [s for s in skip_layers if s not in known]
-    if unknown:
-        raise EdgecvError(
-            f"quantize.skip_layers: {unknown[0]!r} is not a Conv/Linear layer of the model "
-            f"(layers: {', '.join(known[:6])}{', ...' if len(known) > 6 else ''})"
-        )
+    """A fake-quant copy of the float `model` as `spec` describes it (see prepare_qat); `place` overrides
+    the profile's placement (sensitivity analysis)."""
     import copy
 
+    profile = PROFILES.get(spec.target)
+    known = float_quantizable_layers(model)
+    unknown = [s for s in spec.skip_layers if s not in known]
+    if unknown:
+        raise EdgecvError(
+            f"skip_layers: {unknown[0]!r} is not a Conv/Linear layer of the model "
+            f"(layers: {', '.join(known[:6])}{', ...' if len(known) > 6 else ''})"
+        )
     was_training = model.training
     gm = trace(copy.deepcopy(model).eval())
     _sanitize(gm)
-    _fold_and_swap(gm, set(skip_layers), freeze_bn)
+    _fold_and_swap(gm, set(spec.skip_layers), spec.freeze_bn)
     placer = Placer(gm, profile.act_symmetric)
-    (place or profile.place)(placer, set(skip_layers))
+    (place or profile.place)(placer, set(spec.skip_layers))
     gm.graph.lint()
     gm.recompile()
-    gm.meta[META_KEY] = {"target": target, "skip_layers": list(skip_layers), "freeze_bn": bool(freeze_bn)}
+    gm.meta[META_KEY] = spec
+    gm.meta[FLOAT_SHAPES_KEY] = model_shapes(model)  # what a checkpoint rebuilds before re-quantizing
     with torch.no_grad():
         gm(example_input)  # fail here, not in the training loop, when the graph is broken
     return gm.train(was_training)

@@ -11,6 +11,7 @@ from torch import nn
 from edgecv.compress.quantize.calibrate import apply_calibrator, collect_stats, set_fake_quant
 from edgecv.compress.quantize.fakequant import QuantConv2d, QuantLinear
 from edgecv.compress.quantize.placement import build_quantized, place_layer_inputs
+from edgecv.compress.quantize.spec import QuantSpec
 from edgecv.errors import EdgecvError
 
 METRICS = ("sqnr", "accuracy")
@@ -37,7 +38,7 @@ def layer_sensitivity(
     (lowest SQNR for metric="sqnr", largest top-1 drop for metric="accuracy")."""
     if metric not in METRICS:
         raise EdgecvError(f"sensitivity metric {metric!r} is unknown; choose from: {', '.join(METRICS)}")
-    qmodel = build_quantized(model, target, example_input, place=place_layer_inputs).eval()
+    qmodel = build_quantized(model, QuantSpec(target), example_input, place=place_layer_inputs).eval()
     apply_calibrator(qmodel, collect_stats(qmodel, calib_batches), "max")
     set_fake_quant(qmodel, False)
     inputs = [b[0] if isinstance(b, (tuple, list)) else b for b in eval_batches]

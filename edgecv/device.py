@@ -1,4 +1,5 @@
-"""Facts about the machine a benchmark ran on: CPU, OS, library versions, GPU, and Jetson/JetPack release."""
+"""Which device to run on (`resolve_device`), and facts about the machine a measurement ran on: CPU, OS,
+library versions, GPU, and Jetson/JetPack release. Imports neither torch nor TensorRT at module level."""
 
 from __future__ import annotations
 
@@ -7,6 +8,42 @@ import os
 import platform
 import re
 from pathlib import Path
+
+from edgecv.errors import EdgecvError
+
+
+def resolve_device(device: str) -> str:
+    """'auto' -> 'cuda' when torch sees a GPU, else 'cpu'; 'cuda' and 'cuda:N' are checked and kept as
+    given (the index matters on a machine with several GPUs); anything else is a one-line error."""
+    device = device.strip().lower()
+    if device == "cpu":
+        return device
+    if device not in ("auto", "cuda") and not re.fullmatch(r"cuda:\d+", device):
+        raise EdgecvError(f"--device {device!r}: choose auto, cpu, cuda or cuda:N")
+    try:
+        import torch
+    except ImportError:
+        if device == "auto":
+            return "cpu"
+        raise EdgecvError(f"--device {device}: torch is not installed, so edgecv cannot check the GPU") from None
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if not torch.cuda.is_available():
+        raise EdgecvError(f"--device {device}: no CUDA device is available on this machine")
+    index = device_index(device)
+    if index >= torch.cuda.device_count():
+        raise EdgecvError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def device_index(device: str) -> int:
+    """'cuda:1' -> 1; 'cuda' and 'cpu' -> 0."""
+    _, _, index = device.partition(":")
+    return int(index) if index.isdigit() else 0
+
+
+def is_cuda(device: str) -> bool:
+    return device.startswith("cuda")
 
 # L4T release -> JetPack release (NVIDIA's JetPack archive). Looked up by the longest matching prefix.
 L4T_TO_JETPACK = {
@@ -39,7 +76,7 @@ L4T_TO_JETPACK = {
     "38.2": "7.0",
 }
 
-# JetPack major.minor -> TensorRT it ships (DESIGN.md); used in messages that say what to expect.
+# JetPack major.minor -> TensorRT it ships (NVIDIA's JetPack release notes); used in messages that say what to expect.
 JETPACK_TENSORRT = {
     "4.6": "8.2",
     "5.0": "8.4",

@@ -1,0 +1,183 @@
+"""The `ptq` and `qat` stages: INT8 fake-quant models for a target backend, with accuracy measured on the
+exported INT8 graph in ONNX Runtime (as deployed, not as simulated)."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from pydantic import Field, field_validator, model_validator
+from torch import nn
+
+from edgecv.compress import quantize as Q
+from edgecv.compress.distill import DistillConfig
+from edgecv.compress.quantize.calibrate import DEFAULT_PERCENTILE, PERCENTILE_BOUNDS
+from edgecv.config import Strict, registry_choice
+from edgecv.console import console
+from edgecv.data.datasets import DataBundle
+from edgecv.errors import EdgecvError
+from edgecv.io import write_json
+from edgecv.stages.base import StageConfig, StageContext, stage
+from edgecv.stages.train import distillation, run_fit
+from edgecv.train.config import TrainOverrides
+
+Target = registry_choice(lambda: Q.PROFILES)
+CalibratorName = registry_choice(lambda: Q.CALIBRATORS)
+
+
+class QuantConfig(Strict):
+    """Keys shared by `ptq` and `qat`."""
+
+    target: Target = "onnxruntime"  # type: ignore[valid-type]
+    calibrator: CalibratorName = "max"  # type: ignore[valid-type]
+    percentile: float | None = Field(
+        None, gt=PERCENTILE_BOUNDS[0], lt=PERCENTILE_BOUNDS[1],
+        description=f"percentile calibrator: % of values inside the range (default {DEFAULT_PERCENTILE})",
+    )  # fmt: skip
+    calib_batches: int = Field(8, ge=1)
+    skip_layers: list[str] | str = Field(
+        default_factory=list, description="layers kept in float: names, or 'auto:N' (N most sensitive)"
+    )
+
+    @field_validator("skip_layers")
+    @classmethod
+    def _auto(cls, v: list[str] | str) -> list[str] | str:
+        if isinstance(v, str):
+            head, _, n = v.partition(":")
+            if head != "auto" or not n.isdigit():
+                raise ValueError(f"skip_layers must be a list of layer names or 'auto:N', got {v!r}")
+        return v
+
+    def calibrators_used(self) -> set[str]:
+        return {self.calibrator}
+
+    def calibrator_options(self, method: str) -> dict[str, float]:
+        """The options `method` takes from this config (only the percentile calibrator takes one)."""
+        return {"percentile": self.percentile} if method == "percentile" and self.percentile is not None else {}
+
+    @model_validator(mode="after")
+    def _percentile_needs_its_calibrator(self) -> QuantConfig:
+        if self.percentile is not None and "percentile" not in self.calibrators_used():
+            raise ValueError("percentile: only the 'percentile' calibrator takes it, and it is not used here")
+        return self
+
+
+class PTQConfig(QuantConfig, StageConfig):
+    stage: ClassVar[str] = "ptq"
+    calibrator: registry_choice(lambda: Q.CALIBRATORS, "best") = "best"  # type: ignore[valid-type]
+    compare: list[CalibratorName] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: ["max", "percentile", "mse", "entropy"],
+        description="calibrators evaluated and reported; the best one is kept when calibrator is 'best'",
+    )
+
+    def calibrators_used(self) -> set[str]:
+        return (set(self.compare) | {self.calibrator}) - {"best"}
+
+
+class QATConfig(QuantConfig, TrainOverrides, StageConfig):
+    stage: ClassVar[str] = "qat"
+    epochs: int = Field(1, ge=0)
+    learnable_ranges: bool = True
+    freeze_bn_epoch: int | None = Field(
+        None, ge=0, description="fold BatchNorm / freeze its statistics from this epoch; None: from the start"
+    )
+    distill: DistillConfig | None = None
+
+
+def sensitivity_rows(model: nn.Module, target: str, data: DataBundle, example_input: torch.Tensor,
+                     metric: str = "sqnr", calib_batches: int = 4, eval_batches: int = 4) -> list[dict]:
+    """Per-layer INT8 sensitivity of `model` on a few calibration and validation batches."""
+    calib = data.calibration_batches(calib_batches)
+    evals = []
+    for x, y in data.val:
+        evals.append((x, y))
+        if len(evals) >= eval_batches:
+            break
+    return Q.layer_sensitivity(model.cpu().eval(), target, example_input, calib, evals, metric=metric)
+
+
+def _prepare(model: nn.Module, cfg: QuantConfig, ctx: StageContext, freeze_bn: bool = True):
+    """The fake-quant model (layers to skip resolved, `auto:N` by sensitivity) and its calibration stats."""
+    sens = None
+    if isinstance(cfg.skip_layers, str):
+        sens = sensitivity_rows(model, cfg.target, ctx.data, ctx.spec.example_input())
+        ctx.metrics["sensitivity"] = sens
+        write_json(ctx.stage_dir / "sensitivity.json", sens)
+    skip = Q.resolve_skip_layers(cfg.skip_layers, sens)
+    qmodel = Q.prepare_qat(model.cpu().eval(), cfg.target, ctx.spec.example_input(), skip_layers=skip,
+                           freeze_bn=freeze_bn)
+    with torch.no_grad():
+        stats = Q.collect_stats(qmodel, ctx.data.calibration_batches(cfg.calib_batches))
+    if skip:
+        ctx.metrics["skipped_layers"] = skip
+    return qmodel, stats
+
+
+def onnx_accuracy(qmodel: nn.Module, ctx: StageContext) -> dict:
+    """Export `qmodel` to a scratch file and measure it in ONNX Runtime on the validation set."""
+    from edgecv.bench.accuracy import evaluate
+    from edgecv.bench.runners import create_runner
+    from edgecv.export.onnx import export_onnx
+
+    with tempfile.TemporaryDirectory(prefix="edgecv-") as tmp:
+        path = export_onnx(qmodel, Path(tmp) / "model.int8.onnx", ctx.spec.example_input())
+        return evaluate(create_runner("onnxruntime", path), ctx.data.val)
+
+
+@stage(PTQConfig, "INT8 post-training quantization: calibrate, compare calibrators, keep the best")
+def ptq_stage(model: nn.Module, cfg: PTQConfig, ctx: StageContext) -> nn.Module:
+    if Q.is_quantized(model):
+        raise EdgecvError("stages: 'ptq' needs a float model, but the previous stage already quantized it")
+    qmodel, stats = _prepare(model, cfg, ctx)
+    results = []
+    for method in dict.fromkeys([*cfg.compare, cfg.calibrator] if cfg.calibrator != "best" else cfg.compare):
+        Q.apply_calibrator(qmodel, stats, method, **cfg.calibrator_options(method))
+        acc = onnx_accuracy(qmodel, ctx)
+        results.append({"calibrator": method, "top1": round(acc["top1"], 3), "top5": round(acc["top5"], 3)})
+        console.print(f"PTQ {method:>10}: INT8 top-1 in ONNX Runtime {acc['top1']:.2f}%")
+    best = max(results, key=lambda r: r["top1"])["calibrator"] if cfg.calibrator == "best" else cfg.calibrator
+    Q.apply_calibrator(qmodel, stats, best, **cfg.calibrator_options(best))
+    chosen = next(r for r in results if r["calibrator"] == best)
+    ctx.metrics.update(calibrators=results, calibrator=best, top1=chosen["top1"], top5=chosen["top5"],
+                       target=cfg.target, accuracy_backend="onnxruntime")
+    return qmodel
+
+
+def _qat_model(model: nn.Module, cfg: QATConfig, ctx: StageContext) -> tuple[nn.Module, int | None]:
+    """The model QAT starts from: the PTQ stage's calibrated model, or a freshly calibrated one; and the
+    epoch from which BatchNorm statistics are frozen (None: folded from the start)."""
+    if Q.is_quantized(model):
+        ptq_target = Q.quant_spec(model).target
+        if ptq_target != cfg.target:
+            raise EdgecvError(f"qat.target {cfg.target!r} differs from the ptq stage's target {ptq_target!r}")
+        return model, None  # continue from the PTQ stage's calibrated ranges (BatchNorm already folded)
+    freeze_epoch = cfg.freeze_bn_epoch
+    qmodel, stats = _prepare(model, cfg, ctx, freeze_bn=freeze_epoch in (None, 0))
+    Q.apply_calibrator(qmodel, stats, cfg.calibrator, **cfg.calibrator_options(cfg.calibrator))
+    return qmodel, freeze_epoch
+
+
+@stage(QATConfig, "INT8 quantization-aware training from calibrated ranges")
+def qat_stage(model: nn.Module, cfg: QATConfig, ctx: StageContext) -> nn.Module:
+    torch.manual_seed(ctx.recipe.seed + ctx.index)
+    qmodel, freeze_epoch = _qat_model(model, cfg, ctx)
+    Q.set_learnable_ranges(qmodel, cfg.learnable_ranges)
+
+    def freeze_bn_at(epoch: int, m: nn.Module) -> None:
+        if freeze_epoch and epoch == freeze_epoch:
+            Q.freeze_bn_stats(m)
+            console.print(f"qat: BatchNorm statistics frozen from epoch {epoch + 1}")
+
+    train_cfg = cfg.merged(ctx.recipe.train)
+    result = run_fit(qmodel, train_cfg, ctx, "qat", distillation(cfg, ctx, train_cfg), epoch_hook=freeze_bn_at)
+    qmodel = qmodel.cpu().eval()
+    if freeze_epoch is not None and freeze_epoch >= cfg.epochs:
+        Q.freeze_bn_stats(qmodel)
+    acc = onnx_accuracy(qmodel, ctx)
+    ctx.metrics.update(top1=round(acc["top1"], 3), top5=round(acc["top5"], 3), torch_top1=result["top1"],
+                       epochs=result["epochs"], target=cfg.target, accuracy_backend="onnxruntime")
+    if result.get("history"):
+        ctx.metrics["history"] = result["history"]
+    return qmodel
