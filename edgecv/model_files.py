@@ -86,17 +86,19 @@ def file_format(path: Path) -> str:
 
 
 def subject_for(path: Path, backend: str, device: str, threads: int | None) -> Subject:
-    """A Subject that runs `path` with `backend` (torch runs edgecv checkpoints only)."""
-    if backend == "torch":
-        if path.suffix.lower() not in CHECKPOINT_SUFFIXES:
-            raise EdgecvError(f"{str(path)!r}: the torch backend runs edgecv checkpoints (.pt), not {path.suffix}")
-        from edgecv.checkpoint import model_from_checkpoint
+    """A Subject that loads `path` with `backend` when measured (torch runs edgecv checkpoints only)."""
+    if backend == "torch" and path.suffix.lower() not in CHECKPOINT_SUFFIXES:
+        raise EdgecvError(f"{str(path)!r}: the torch backend runs edgecv checkpoints (.pt), not {path.suffix}")
 
-        runner = create_runner("torch", model_from_checkpoint(read_checkpoint_once(path), path)[0], device=device,
-                               threads=threads)
-    else:
-        runner = create_runner(backend, path, device=device, threads=threads)
-    return Subject(model=str(path), runner=runner, format=file_format(path), size_bytes=path.stat().st_size)
+    def load():
+        if backend == "torch":
+            from edgecv.checkpoint import model_from_checkpoint
+
+            model = model_from_checkpoint(read_checkpoint_once(path), path)[0]
+            return create_runner("torch", model, device=device, threads=threads)
+        return create_runner(backend, path, device=device, threads=threads)
+
+    return Subject(model=str(path), runner=None, format=file_format(path), size_bytes=path.stat().st_size, load=load)
 
 
 def stored_data_section(path: Path) -> dict[str, Any] | None:

@@ -66,6 +66,10 @@ def _deployable(i: int, stages: list[StageModel]) -> tuple[bool, str | None]:
     return True, None
 
 
+def _torch_loader(path: Path, device: str, threads: int | None):
+    return lambda: create_runner("torch", load_model(path)[0], device=device, threads=threads)
+
+
 def _torch_subjects(stages: list[StageModel], recipe: Recipe, device: str) -> list[Subject]:
     out = []
     for i, s in enumerate(stages):
@@ -73,8 +77,7 @@ def _torch_subjects(stages: list[StageModel], recipe: Recipe, device: str) -> li
         m = s.metrics
         reuse = recipe.bench.eval_limit is None and "accuracy_backend" not in m and {"top1", "top5"} <= set(m)
         out.append(Subject(
-            model=str(s.path), runner=create_runner("torch", s.model, device=device, threads=recipe.bench.threads),
-            format="torch", stage=s.name, params=s.params, macs=s.macs, size_bytes=s.path.stat().st_size,
+            model=str(s.path), runner=None, load=_torch_loader(s.path, device, recipe.bench.threads), format="torch", stage=s.name, params=s.params, macs=s.macs, size_bytes=s.path.stat().st_size,
             accuracy={"top1": m["top1"], "top5": m["top5"]} if reuse else None, deployable=ok, note=note,
         ))  # fmt: skip
     return out
@@ -88,9 +91,9 @@ def _baseline_onnx(stages: list[StageModel], spec: ModelSpec, tmp: Path, recipe:
     if base is None:
         return []
     path = export_onnx(base.model, tmp / "baseline.onnx", spec.example_input())
-    runner = create_runner("onnxruntime", path, device=device, threads=recipe.bench.threads)
-    return [Subject(model="train (exported for this report)", runner=runner, format="onnx", stage="train",
-                    params=base.params, macs=base.macs, size_bytes=model_size_bytes(path))]
+    load = lambda: create_runner("onnxruntime", path, device=device, threads=recipe.bench.threads)  # noqa: E731
+    return [Subject(model="train (exported for this report)", runner=None, load=load, format="onnx",
+                    stage="train", params=base.params, macs=base.macs, size_bytes=model_size_bytes(path))]
 
 
 def _export_subjects(run_dir: Path, stages: list[StageModel], recipe: Recipe, device: str) -> tuple[list[Subject], dict]:
@@ -110,8 +113,8 @@ def _export_subjects(run_dir: Path, stages: list[StageModel], recipe: Recipe, de
         path = run_dir / "export" / name
         run_on = device if backend != "tensorrt" else (device if is_cuda(device) else "cuda")
         out.append(Subject(
-            model=str(path), runner=create_runner(backend, path, device=run_on, threads=recipe.bench.threads),
-            format=info["format"], stage=stage.name if stage else None, params=stage.params if stage else None,
+            model=str(path), runner=None, format=info["format"],
+            load=lambda b=backend, p=path, d=run_on: create_runner(b, p, device=d, threads=recipe.bench.threads), stage=stage.name if stage else None, params=stage.params if stage else None,
             macs=stage.macs if stage else None, size_bytes=path.stat().st_size,
         ))  # fmt: skip
     return out, files

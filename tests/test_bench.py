@@ -223,6 +223,17 @@ def test_measure_gives_one_row_per_model_with_every_batch(model, onnx_path):
     assert onnx_row.at(1).energy_mj_per_image is None  # not a Jetson: not measured, not zero
 
 
+def test_memory_counts_what_loading_and_running_a_model_takes(onnx_path):
+    """A subject given as a loader is built inside `measure`: its memory includes the session and its
+    buffers at the largest batch, so a bigger batch needs more."""
+    subject = lambda: Subject("m.onnx", None, "onnx", load=lambda: create_runner("onnxruntime", onnx_path))  # noqa: E731
+    at = lambda b: BenchSettings((b,), warmup=0, runs=1, rounds=1, accuracy=False)  # noqa: E731
+    measure([subject()], at(1), INPUT_SHAPE)  # the first session in a process also loads ONNX Runtime itself
+    small = measure([subject()], at(1), INPUT_SHAPE)[0].memory_mb
+    big = measure([subject()], at(256), INPUT_SHAPE)[0].memory_mb
+    assert small > 0 and big > small + 10, (small, big)  # 256 x 16 x 28 x 28 float activations: 12.8 MiB each
+
+
 def test_evaluate_counts_known_answers(onnx_path):
     runner = create_runner("onnxruntime", onnx_path, threads=1)
     rng = np.random.default_rng(2)

@@ -76,10 +76,12 @@ class BenchRow:
 
 @dataclass
 class Subject:
-    """A model to measure: how to run it, and what is already known about it."""
+    """A model to measure: how to run it, and what is already known about it. Give `load` (a function that
+    builds the runner) rather than a built `runner` where you can: `measure` then counts the memory that
+    loading the model and running it take, not only what one more call adds."""
 
     model: str
-    runner: Runner
+    runner: Runner | None
     format: str
     stage: str | None = None
     params: int | None = None
@@ -88,6 +90,7 @@ class Subject:
     accuracy: dict | None = None  # {"top1", "top5"} measured elsewhere on the same data (kept as is)
     deployable: bool = True
     note: str | None = None
+    load: Callable[[], Runner] | None = None
 
 
 @dataclass(frozen=True)
@@ -118,8 +121,8 @@ def measure(
     if not subjects:
         raise EdgecvError("nothing to measure")
     sizes = sorted({int(b) for b in settings.batch_sizes})
+    memory = _load_runners(subjects, input_shape, sizes[-1], settings.memory)
     accuracy = _accuracies(subjects, settings, val_batches, progress)
-    memory = _memories(subjects, input_shape, sizes[-1]) if settings.memory else {}
     energy = _energies(subjects, input_shape, sizes, settings) if settings.power else {}
     runners = {str(i): s.runner for i, s in enumerate(subjects)}
     total = len(runners) * len(sizes) * settings.runs * settings.rounds
@@ -157,21 +160,29 @@ def _accuracies(subjects, settings, val_batches, progress) -> dict[int, dict]:
     return out
 
 
-def _memories(subjects, input_shape, batch_size: int) -> dict[int, float]:
-    """Peak memory each runner adds while it runs the largest batch once (after a warm-up call): the
-    runner's own `memory_mb(batch)` where it has one (GPU backends), else the process's resident-set growth
-    on the CPU. A runner on a GPU without `memory_mb` is not measured (shown as "-"), never a made-up 0."""
+def _load_runners(subjects, input_shape, batch_size: int, with_memory: bool) -> dict[int, float]:
+    """Build each subject's runner (one after another) and run the largest batch once. The memory of a
+    subject is what that took: the process's resident-set peak over its level before (model, session,
+    buffers), or, on a GPU, the runner's own `memory_mb(batch)`. A GPU runner without one is not measured
+    ("-"), never a made-up 0."""
     batch = np.zeros((batch_size, *input_shape), dtype=np.float32)
     out = {}
     for i, s in enumerate(subjects):
-        s.runner(batch)
+        if s.runner is None and s.load is None:
+            raise EdgecvError(f"{s.model}: nothing to run (give a runner or a way to load one)")
+
+        def first_call(s: Subject = s) -> None:
+            if s.runner is None:
+                s.runner = s.load()
+            s.runner(batch)
+
+        cpu_mb = peak_memory_mb(first_call, device="cpu") if with_memory else first_call()
+        if not with_memory:
+            continue
         own = getattr(s.runner, "memory_mb", None)
-        if own is not None:
-            value = own(batch)
-        elif str(s.runner.describe().get("device", "cpu")).startswith("cuda"):
-            value = None
-        else:
-            value = peak_memory_mb(lambda r=s.runner: r(batch), device="cpu")
+        value = own(batch) if own is not None else None
+        if value is None and not str(s.runner.describe().get("device", "cpu")).startswith("cuda"):
+            value = cpu_mb
         if value is not None:
             out[i] = value
     return out

@@ -65,6 +65,19 @@ def _peak_by_sampling(fn: Callable[[], Any], interval_s: float) -> float:
     return max(0.0, (peak - start) / MIB)
 
 
+def release_free_memory() -> None:
+    """Hand freed memory back to the OS (garbage-collect, then glibc's malloc_trim), so that the next
+    measurement's resident-set growth is what it needs, not what earlier, freed objects left behind."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): growth may then be under-counted
+        pass
+
+
 def peak_memory_mb(fn: Callable[[], Any], *, device: str = "cpu", interval_s: float = 0.001) -> float:
     """Peak memory (MiB) that running `fn` adds. CPU: growth of the process's resident set over its level
     before `fn` (kernel VmHWM where it can be reset, else a sampling thread). CUDA: torch's peak allocated
@@ -78,6 +91,7 @@ def peak_memory_mb(fn: Callable[[], Any], *, device: str = "cpu", interval_s: fl
         fn()
         torch.cuda.synchronize()
         return max(0.0, (torch.cuda.max_memory_allocated() - before) / MIB)
+    release_free_memory()
     before_kb = _status_kb("VmRSS")
     if before_kb is not None and _reset_hwm() and _status_kb("VmHWM") is not None:
         fn()

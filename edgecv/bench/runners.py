@@ -115,10 +115,17 @@ class TorchRunner:
             return self.model(x).float().cpu().numpy()
 
     def memory_mb(self, batch: np.ndarray) -> float | None:
-        """Peak memory one call adds: torch's allocator peak on CUDA, resident-set growth on the CPU."""
-        from edgecv.bench.memory import peak_memory_mb
-
-        return peak_memory_mb(lambda: self(batch), device="cuda" if self.device.startswith("cuda") else "cpu")
+        """On CUDA: the peak GPU memory torch's allocator holds while running `batch` (weights included).
+        None on the CPU, where the process's resident set is measured instead."""
+        if not self.device.startswith("cuda"):
+            return None
+        torch = self._torch
+        device = torch.device(self.device)
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        self(batch)
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) / 2**20
 
     def describe(self) -> dict:
         torch = self._torch

@@ -84,9 +84,11 @@ def _panel(ax, points: Sequence[Point], lower_is_better: bool, xlabel: str) -> N
     labels = [(p, min(max(p.top1, lo), hi)) for p in points]
     heights = _spread_labels([y for _, y in labels], (hi - lo) / 22)
     for (p, y), ly in zip(labels, heights, strict=True):
-        text = p.label if p.deployable else f"{p.label}: {p.top1:.1f}%, not deployable"
-        ax.annotate(text, (p.x, y), xytext=(p.x, ly), textcoords="data", fontsize=7, ha="left", va="bottom",
-                    xycoords="data", annotation_clip=False)
+        text = p.label if p.deployable else f"{p.label} {p.top1:.1f}% (not deployable)"
+        ax.annotate(text, (p.x, y), xytext=(p.x * 1.12, ly), textcoords="data", fontsize=7, ha="left",
+                    va="center", xycoords="data", annotation_clip=False)
+    xs = [p.x for p in points]
+    ax.set_xlim(min(xs) / 1.5, max(xs) * 8)  # room on the right for the labels
     ax.set_xlabel(xlabel)
     ax.grid(True, which="both", alpha=0.25)
 

@@ -225,8 +225,9 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 def _how_to_read(rows: Sequence[BenchRow], settings: dict) -> str:
     sizes = sorted({b for r in rows for b in r.batch_sizes})
     measured = ", ".join(str(b) for b in sizes) or "none"
-    method = (f" Each latency is the median of {settings['runs'] * settings['rounds']} timed runs "
-              f"({settings['rounds']} rounds of blocks of {settings['runs']})." if settings.get("runs") else "")
+    rounds = settings.get("rounds", 1)
+    method = (f" Each latency is the median of {settings['runs'] * rounds} timed runs ({rounds} "
+              f"round{'s' if rounds != 1 else ''} of blocks of {settings['runs']})." if settings.get("runs") else "")
     return (
         f"How to read this: each row is one model (a stage of the recipe in one format) on one backend. "
         f"Batch sizes measured: {measured}. top-1/top-5 are accuracy on the validation split through that "
