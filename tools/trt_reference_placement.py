@@ -73,7 +73,9 @@ def ensure_venv(venv: Path) -> Path:
 
 def modelopt_version(python: Path) -> str:
     code = "import importlib.metadata as m; print(m.version('nvidia-modelopt'))"
-    return subprocess.run([str(python), "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    return subprocess.run(
+        [str(python), "-c", code], capture_output=True, text=True, check=True
+    ).stdout.strip()
 
 
 def run_modelopt(python: Path, float_path: Path, calib: Path, out: Path, dq_only: bool) -> list[str]:
@@ -87,7 +89,9 @@ def run_modelopt(python: Path, float_path: Path, calib: Path, out: Path, dq_only
         args.append("--dq_only")
     proc = subprocess.run([str(python), *args], capture_output=True, text=True)
     if proc.returncode != 0 or not out.exists():
-        raise RuntimeError(f"modelopt failed on {float_path.name}:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+        raise RuntimeError(
+            f"modelopt failed on {float_path.name}:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}"
+        )
     return ["python", *[a.replace(str(float_path.parent) + "/", "") for a in args]]
 
 

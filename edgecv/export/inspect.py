@@ -204,7 +204,9 @@ class QdqGraph:
     def output_quantized(self, name: str) -> bool:
         """Does the tensor (through copy ops such as Flatten) feed a QuantizeLinear?"""
         for c in self.consumers.get(name, []):
-            if c.op_type == "QuantizeLinear" or (c.op_type in COPY_OPS and self.output_quantized(c.output[0])):
+            if c.op_type == "QuantizeLinear" or (
+                c.op_type in COPY_OPS and self.output_quantized(c.output[0])
+            ):
                 return True
         return False
 
@@ -277,7 +279,9 @@ def _weighted_op_state(node: onnx.NodeProto, g: QdqGraph) -> tuple[str | None, l
         return "no Q/DQ on input or weight", []
     if not x_quantized or dq_w is None:
         which = "input" if not x_quantized else "weight"
-        return f"{which} not quantized", [f"{node.name}: {node.op_type} {which} does not come from DequantizeLinear"]
+        return f"{which} not quantized", [
+            f"{node.name}: {node.op_type} {which} does not come from DequantizeLinear"
+        ]
     return None, _check_weight(node, dq_w, g)
 
 
@@ -317,23 +321,33 @@ def _residual_add_problems(add, inputs, quantized, fused, g: QdqGraph) -> list[s
         return []
     if not any(quantized):
         if any(f is not None for f in fused):
-            return [f"{add.name}: residual Add's skip input is not quantized; TensorRT fuses Conv + Add in INT8 "
-                    "only with a quantized skip input"]
+            return [
+                f"{add.name}: residual Add's skip input is not quantized; TensorRT fuses Conv + Add in INT8 "
+                "only with a quantized skip input"
+            ]
         return []
     # both quantized: a Q/DQ pair between a conv and this Add keeps TensorRT from fusing them
     for name in inputs:
         conv = g.fused_weighted(g.source(name))
         dq = g.dq(name)
-        if conv is not None and len(g.consumers.get(g.source(name), [])) == 1 and len(g.consumers[dq.output[0]]) == 1:
-            return [f"{add.name}: Q/DQ between {conv.name} and the residual Add; leave the conv's output float so "
-                    "TensorRT fuses Conv + Add"]
+        if (
+            conv is not None
+            and len(g.consumers.get(g.source(name), [])) == 1
+            and len(g.consumers[dq.output[0]]) == 1
+        ):
+            return [
+                f"{add.name}: Q/DQ between {conv.name} and the residual Add; leave the conv's output float so "
+                "TensorRT fuses Conv + Add"
+            ]
     return []
 
 
 def _check_weight(node: onnx.NodeProto, dq_w: onnx.NodeProto, g: QdqGraph) -> list[str]:
     weight, form = g.weight(dq_w)
     if weight is None:
-        return [f"{node.name}: weight is not a constant (int8 initializer + DQ, or float initializer + Q -> DQ)"]
+        return [
+            f"{node.name}: weight is not a constant (int8 initializer + DQ, or float initializer + Q -> DQ)"
+        ]
     out = []
     if form == "int8" and weight.dtype != np.int8:
         out.append(f"{node.name}: weight is {weight.dtype}, not int8")

@@ -185,7 +185,12 @@ def _transpose_quantized_weights(graph: onnx.GraphProto) -> None:
     kept = []
     for node in graph.node:
         dq = producer.get(node.input[0]) if node.op_type == "Transpose" else None
-        if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits or users[dq.output[0]] != 1:
+        if (
+            dq is None
+            or dq.op_type != "DequantizeLinear"
+            or dq.input[0] not in inits
+            or users[dq.output[0]] != 1
+        ):
             kept.append(node)
             continue
         perm = list(next(a.ints for a in node.attribute if a.name == "perm"))

@@ -328,7 +328,9 @@ def place_tensorrt(p: Placer, skip_layers: set[str]) -> None:
             add.replace_input_with(qnodes[producer], producer)
     for m in p.gm.modules():
         if isinstance(m, (QuantConv2d, QuantLinear)):
-            m.weight_quant.narrow_range = True  # int8 weights in [-127, 127], also once QAT learns their ranges
+            m.weight_quant.narrow_range = (
+                True  # int8 weights in [-127, 127], also once QAT learns their ranges
+            )
 
 
 def _tensorrt_quantized_inputs(
