@@ -274,6 +274,10 @@ def _check_qdq(node: onnx.NodeProto, g: QdqGraph) -> list[str]:
 def _weighted_op_state(node: onnx.NodeProto, g: QdqGraph) -> tuple[str | None, list[str]]:
     """(why it runs in float, or None when INT8; rule violations) for a Conv/Gemm/MatMul."""
     x_quantized = g.quantized(node.input[0])
+    if len(node.input) > 1 and node.input[1] in g.data:  # activation x activation (attention): no weight
+        if x_quantized and g.quantized(node.input[1]):
+            return None, []
+        return "an input is not quantized", []
     dq_w = g.dq(node.input[1]) if len(node.input) > 1 else None
     if not x_quantized and dq_w is None:
         return "no Q/DQ on input or weight", []

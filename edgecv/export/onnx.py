@@ -193,8 +193,10 @@ def _transpose_quantized_weights(graph: onnx.GraphProto) -> None:
         ):
             kept.append(node)
             continue
-        perm = list(next(a.ints for a in node.attribute if a.name == "perm"))
         weight = numpy_helper.to_array(inits[dq.input[0]])
+        perm = next(
+            (list(a.ints) for a in node.attribute if a.name == "perm"), list(range(weight.ndim))[::-1]
+        )
         axis = next((a.i for a in dq.attribute if a.name == "axis"), 1) % weight.ndim
         name = f"{dq.input[0]}_transposed"
         graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weight.transpose(perm)), name))

@@ -264,7 +264,7 @@ class Placer:
         return self.quant_of.get(node) or self.quantize_output(node)
 
     def quantize_input_for(self, consumer: fx.Node, producer: fx.Node, shared: bool = True) -> None:
-        """Quantize `producer` only where `consumer` reads it (TensorRT-style placement)."""
+        """Quantize `producer` only where `consumer` reads it (one quantizer per layer: sensitivity analysis)."""
         if producer in self.quant_of:
             return
         qnode = self.local_q.get(producer) if shared else None
@@ -326,11 +326,9 @@ def place_tensorrt(p: Placer, skip_layers: set[str]) -> None:
     for add, producer in float_edges:
         if producer in qnodes:
             add.replace_input_with(qnodes[producer], producer)
-    for m in p.gm.modules():
+    for m in p.gm.modules():  # int8 weights in [-127, 127], also once QAT has learned their ranges
         if isinstance(m, (QuantConv2d, QuantLinear)):
-            m.weight_quant.narrow_range = (
-                True  # int8 weights in [-127, 127], also once QAT learns their ranges
-            )
+            m.weight_quant.narrow_range = True
 
 
 def _tensorrt_quantized_inputs(
@@ -339,6 +337,8 @@ def _tensorrt_quantized_inputs(
     """The inputs of `node` that TensorRT wants in INT8 (ModelOpt's choice for the same ONNX op)."""
     kind = p.kind(node)
     args = [a for a in _tensor_args(node) if a.op != "get_attr"]  # a parameter (layer scale) is a constant
+    if not args:
+        return []
     if kind in ("avgpool", "maxpool"):
         # x.mean(...) exports ReduceMean, which TensorRT does not quantize; nor a pool that makes the output
         return [] if node.op == "call_method" or _feeds_only_output(p, node) else args[:1]
@@ -414,8 +414,7 @@ def _ancestor_distances(p: Placer, node: fx.Node) -> dict[fx.Node, int]:
     while frontier:
         nxt = []
         for n in frontier:
-            inputs = [a for a in n.all_input_nodes]
-            for a in inputs:
+            for a in n.all_input_nodes:
                 if a not in distances:
                     distances[a] = distances[n] + (p.kind(a) != "transparent")
                     nxt.append(a)
