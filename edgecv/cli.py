@@ -146,14 +146,14 @@ def eval_(model: Annotated[Path, typer.Argument(help="model file: .pt (torch), .
     from edgecv.model_files import check_paths, default_backend, subject_for
 
     path = check_paths([model])[0]
-    subject = subject_for(path, backend or default_backend(path), _run_device(device), None)
-    acc = evaluate(subject.runner, _data_for_model(path, recipe, data, limit).val)
-    result = {"model": str(path), "backend": subject.runner.backend, "top1": round(acc["top1"], 3),
+    runner = subject_for(path, backend or default_backend(path), _run_device(device), None).load()
+    acc = evaluate(runner, _data_for_model(path, recipe, data, limit).val)
+    result = {"model": str(path), "backend": runner.backend, "top1": round(acc["top1"], 3),
               "top5": round(acc["top5"], 3), "n": acc["n"]}
     if json_out:
         write_json(json_out, result)
     console.print(f"{path}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  ({acc['n']} images, "
-                  f"{subject.runner.backend})")
+                  f"{runner.backend})")
 
 
 @app.command()

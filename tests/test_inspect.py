@@ -52,6 +52,8 @@ def test_onnxruntime_graph_is_all_integer_like_quantize_static(name, tmp_path):
     reference = inspect_onnx(_quantize_static_u8(float_path, tmp_path / "static.onnx", x), "onnxruntime")
     assert ours["float_ops"] == [] and ours["float_op_counts"] == {}
     assert ours["int_op_counts"] == reference["int_op_counts"]
+    assert ours["qdq_counts"] == reference["qdq_counts"]  # operators are counted apart from Q/DQ nodes
+    assert not {"QuantizeLinear", "DequantizeLinear"} & set(ours["int_op_counts"])
     assert ours["int_op_counts"]["QLinearConv"] == len(
         [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
     )
@@ -96,10 +98,11 @@ def test_tensorrt_rules_on_float_and_partly_quantized_graphs(tmp_path):
     qmodel = prepare_qat(model, "tensorrt", x[:2], skip_layers=["layer1.0.conv2"])
     apply_calibrator(qmodel, collect_stats(qmodel, [x]), "max")
     report = inspect_onnx(export_onnx(qmodel, tmp_path / "q.onnx", x[:2]), "tensorrt")
-    # the skipped conv runs in float (no Q/DQ on its input or weight); its residual Add stays quantized
+    # the skipped conv runs in float (no Q/DQ on its input or weight); its residual Add still reads the skip
+    # input quantized, but with a float conv to fuse with it runs in float
     assert report["violations"] == []
-    assert [f["op_type"] for f in report["float_ops"]] == ["Conv"]
-    assert report["int_op_counts"]["Add"] == 3
+    assert [f["op_type"] for f in report["float_ops"]] == ["Conv", "Add"]
+    assert report["int_op_counts"]["Add"] == 2 and report["int_op_counts"]["Conv"] == 8
 
 
 def test_format_inspect_renders(tmp_path):

@@ -49,7 +49,7 @@ def _load(path: Path) -> onnx.ModelProto:
 def inspect_onnx(path: Path, target: str) -> dict:
     """Integer vs float ops of `path` as `target` runs it, and placement rule violations.
     Returns {"target", "float_ops": [{"name", "op_type", "reason"}], "int_op_counts", "float_op_counts",
-    "violations": [str]}."""
+    "qdq_counts", "violations": [str]}. Op counts count operators; Q/DQ nodes are counted apart."""
     inspector = INSPECTORS.get(target)
     return inspector(Path(path), _load(Path(path)))
 
@@ -109,11 +109,13 @@ def _is_integer_op(op: str) -> bool:
 def _inspect_onnxruntime(path: Path, proto: onnx.ModelProto) -> dict:
     graph = ort_optimized_graph(path).graph
     types = _element_types(graph)
-    float_ops, int_counts, float_counts = [], Counter(), Counter()
+    float_ops, int_counts, float_counts, qdq_counts = [], Counter(), Counter(), Counter()
     for node in graph.node:
         op = node.op_type
         data_type = types.get(node.input[0], TensorProto.FLOAT) if node.input else TensorProto.FLOAT
-        if _is_integer_op(op) or op in ("QuantizeLinear", "DequantizeLinear"):
+        if op in ("QuantizeLinear", "DequantizeLinear"):
+            qdq_counts[op] += 1  # each is a switch between integer and float, not an operator
+        elif _is_integer_op(op):
             int_counts[op] += 1
         elif op in COMPUTE_OPS:
             if data_type in INTEGER_TYPES and op not in ("Conv", "Gemm", "MatMul", "FusedConv"):
@@ -125,94 +127,376 @@ def _inspect_onnxruntime(path: Path, proto: onnx.ModelProto) -> dict:
                 )
                 float_ops.append({"name": node.name, "op_type": op, "reason": reason})
     violations = []
-    if not int_counts:
+    if not int_counts and not qdq_counts:
         violations.append("no integer ops: the model has no Q/DQ (export a fake-quant model)")
-    return _report("onnxruntime", float_ops, int_counts, float_counts, violations)
+    return _report("onnxruntime", float_ops, int_counts, float_counts, violations, qdq_counts)
 
 
 # ---- tensorrt -------------------------------------------------------------------------------------
+#
+# TensorRT's explicit quantization (the rules NVIDIA's ModelOpt ONNX quantizer follows): the inputs of weighted
+# layers are quantized (activation and weight, int8 symmetric, weights per output channel); the output of a
+# weighted layer that feeds a residual Add stays float and the Add's other (skip) input is quantized, so that
+# TensorRT fuses Conv + Add (+ ReLU) into one INT8 kernel; pooling and element-wise ops run in INT8 when their
+# inputs are quantized. Weights may be stored as int8 + DequantizeLinear or float + QuantizeLinear ->
+# DequantizeLinear.
+
+QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
+WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+POOL_OPS = ("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool")
+COPY_OPS = ("Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Identity")
+PATTERN_OPS = ("Add", "Sub", "Mul", "Concat", *POOL_OPS)  # the ops a Q/DQ placement pattern records
+
+
+class QdqGraph:
+    """Producers and consumers of an ONNX graph's tensors, with Q/DQ pairs seen through."""
+
+    def __init__(self, graph: onnx.GraphProto) -> None:
+        self.graph = graph
+        self.inits = {i.name: i for i in graph.initializer}
+        self.producer = {o: n for n in graph.node for o in n.output}
+        self.consumers: dict[str, list[onnx.NodeProto]] = {}
+        for n in graph.node:
+            for i in n.input:
+                if i:
+                    self.consumers.setdefault(i, []).append(n)
+        # tensors computed from the model's input (not shapes or constants): the data path
+        self.data = {i.name for i in graph.input if i.name not in self.inits}
+        for n in graph.node:
+            if n.op_type not in ("Shape", "Size") and any(i in self.data for i in n.input):
+                self.data.update(n.output)
+
+    def is_const(self, name: str) -> bool:
+        """An initializer, a Constant, or Q/DQ of one (a weight)."""
+        if name in self.inits:
+            return True
+        node = self.producer.get(name)
+        if node is None:
+            return False
+        if node.op_type == "Constant":
+            return True
+        return node.op_type in QDQ_OPS and self.is_const(node.input[0])
+
+    def dq(self, name: str) -> onnx.NodeProto | None:
+        node = self.producer.get(name)
+        return node if node is not None and node.op_type == "DequantizeLinear" else None
+
+    def quantized(self, name: str) -> bool:
+        """Is this activation read through DequantizeLinear (INT8 in TensorRT)?"""
+        return self.dq(name) is not None and not self.is_const(name)
+
+    def source(self, name: str) -> str:
+        """The float tensor behind a Q -> DQ pair (the tensor itself when it is not quantized)."""
+        dq = self.dq(name)
+        if dq is None:
+            return name
+        q = self.producer.get(dq.input[0])
+        return q.input[0] if q is not None and q.op_type == "QuantizeLinear" else dq.input[0]
+
+    def activations(self, node: onnx.NodeProto) -> list[str]:
+        """The inputs on the data path (not weights, constants or computed shapes)."""
+        return [i for i in node.input if i in self.data]
+
+    def output_quantized(self, name: str) -> bool:
+        """Does the tensor (through copy ops such as Flatten) feed a QuantizeLinear?"""
+        for c in self.consumers.get(name, []):
+            if c.op_type == "QuantizeLinear" or (
+                c.op_type in COPY_OPS and self.output_quantized(c.output[0])
+            ):
+                return True
+        return False
+
+    def weight(self, dq: onnx.NodeProto) -> tuple[np.ndarray | None, str]:
+        """(weight array, form) behind a weight's DequantizeLinear: "int8" (int8 initializer + DQ) or
+        "float" (float initializer + Q -> DQ); (None, "") when it is not a constant."""
+        if dq.input[0] in self.inits:
+            return numpy_helper.to_array(self.inits[dq.input[0]]), "int8"
+        q = self.producer.get(dq.input[0])
+        if q is not None and q.op_type == "QuantizeLinear" and q.input[0] in self.inits:
+            return numpy_helper.to_array(self.inits[q.input[0]]), "float"
+        return None, ""
+
+    def fused_weighted(self, name: str) -> onnx.NodeProto | None:
+        """The quantized Conv/Gemm whose float output this is (through BatchNormalization / Relu), which TensorRT
+        fuses with the element-wise op that reads it."""
+        node = self.producer.get(name)
+        while node is not None and node.op_type in ("BatchNormalization", "Relu"):
+            node = self.producer.get(node.input[0])
+        if node is None or node.op_type not in WEIGHTED_OPS:
+            return None
+        return node if self.quantized(node.input[0]) and self.dq(node.input[1]) is not None else None
+
+
+def _inspect_tensorrt(path: Path, proto: onnx.ModelProto) -> dict:
+    g = QdqGraph(proto.graph)
+    float_ops, int_counts, float_counts, qdq_counts, violations = [], Counter(), Counter(), Counter(), []
+    for node in proto.graph.node:
+        op = node.op_type
+        if op in QDQ_OPS:
+            qdq_counts[op] += 1
+            violations += _check_qdq(node, g)
+            continue
+        if op in WEIGHTED_OPS:
+            reason, problems = _weighted_op_state(node, g)
+        elif op in COMPUTE_OPS and g.activations(node):  # not shape arithmetic
+            reason, problems = _elementwise_op_state(node, g)
+        else:
+            continue
+        violations += problems
+        if reason is None:
+            int_counts[op] += 1
+        else:
+            float_counts[op] += 1
+            float_ops.append({"name": node.name, "op_type": op, "reason": reason})
+    if not qdq_counts:
+        violations.append("no Q/DQ: the model is not quantized (export a fake-quant model)")
+    return _report("tensorrt", float_ops, int_counts, float_counts, violations, qdq_counts)
+
+
+def _check_qdq(node: onnx.NodeProto, g: QdqGraph) -> list[str]:
+    zp_name = node.input[2] if len(node.input) > 2 and node.input[2] else ""
+    if not zp_name:  # no zero point: uint8 by the ONNX default
+        return [f"{node.name}: {node.op_type} has no zero point, so it is UINT8, not INT8"]
+    zp = g.inits.get(zp_name)
+    if zp is None:
+        return [f"{node.name}: {node.op_type} zero point is not a constant initializer"]
+    if zp.data_type != TensorProto.INT8:
+        return [f"{node.name}: {node.op_type} is {TensorProto.DataType.Name(zp.data_type)}, not INT8"]
+    if np.any(numpy_helper.to_array(zp) != 0):
+        return [f"{node.name}: {node.op_type} zero point is not 0"]
+    return []
+
+
+def _weighted_op_state(node: onnx.NodeProto, g: QdqGraph) -> tuple[str | None, list[str]]:
+    """(why it runs in float, or None when INT8; rule violations) for a Conv/Gemm/MatMul."""
+    x_quantized = g.quantized(node.input[0])
+    if len(node.input) > 1 and node.input[1] in g.data:  # activation x activation (attention): no weight
+        if x_quantized and g.quantized(node.input[1]):
+            return None, []
+        return "an input is not quantized", []
+    dq_w = g.dq(node.input[1]) if len(node.input) > 1 else None
+    if not x_quantized and dq_w is None:
+        return "no Q/DQ on input or weight", []
+    if not x_quantized or dq_w is None:
+        which = "input" if not x_quantized else "weight"
+        return f"{which} not quantized", [
+            f"{node.name}: {node.op_type} {which} does not come from DequantizeLinear"
+        ]
+    return None, _check_weight(node, dq_w, g)
+
+
+def _elementwise_op_state(node: onnx.NodeProto, g: QdqGraph) -> tuple[str | None, list[str]]:
+    """(why it runs in float, or None when INT8; rule violations) for Add / Mul / Concat / pooling ...
+    An op runs in INT8 when every activation input is quantized, or (Add, Mul) when the inputs that are not
+    quantized are the float outputs of INT8 convs that TensorRT fuses it with (residual Add, SiLU's Mul)."""
+    inputs = g.activations(node)
+    quantized = [g.quantized(i) for i in inputs]
+    fused = [g.fused_weighted(i) for i in inputs]
+    problems = []
+    if node.op_type == "Add" and len(inputs) == 2:
+        problems = _residual_add_problems(node, inputs, quantized, fused, g)
+    if inputs and all(quantized):
+        return None, problems
+    if node.op_type == "Add" and all(q or f is not None for q, f in zip(quantized, fused, strict=True)):
+        return None, problems  # Conv + Add fused, the skip input INT8
+    if node.op_type == "Mul" and _is_silu(node, g) and any(f is not None for f in fused):
+        return None, problems  # Conv + SiLU fused
+    return ("its input is not quantized" if not any(quantized) else "an input is not quantized"), problems
+
+
+def _is_silu(mul: onnx.NodeProto, g: QdqGraph) -> bool:
+    """Mul(x, Sigmoid(x)): TensorRT fuses it into the conv that produces x."""
+    sources = [g.source(i) for i in mul.input]
+    for i in mul.input:
+        node = g.producer.get(i)
+        if node is not None and node.op_type == "Sigmoid" and g.source(node.input[0]) in sources:
+            return True
+    return False
+
+
+def _residual_add_problems(add, inputs, quantized, fused, g: QdqGraph) -> list[str]:
+    """A residual Add must read one input as the float output of the INT8 conv it fuses with, and the other
+    (the skip) quantized."""
+    if any(quantized) and not all(quantized):
+        return []
+    if not any(quantized):
+        if any(f is not None for f in fused):
+            return [
+                f"{add.name}: residual Add's skip input is not quantized; TensorRT fuses Conv + Add in INT8 "
+                "only with a quantized skip input"
+            ]
+        return []
+    # both quantized: a Q/DQ pair between a conv and this Add keeps TensorRT from fusing them
+    for name in inputs:
+        conv = g.fused_weighted(g.source(name))
+        dq = g.dq(name)
+        if (
+            conv is not None
+            and len(g.consumers.get(g.source(name), [])) == 1
+            and len(g.consumers[dq.output[0]]) == 1
+        ):
+            return [
+                f"{add.name}: Q/DQ between {conv.name} and the residual Add; leave the conv's output float so "
+                "TensorRT fuses Conv + Add"
+            ]
+    return []
+
+
+def _check_weight(node: onnx.NodeProto, dq_w: onnx.NodeProto, g: QdqGraph) -> list[str]:
+    weight, form = g.weight(dq_w)
+    if weight is None:
+        return [
+            f"{node.name}: weight is not a constant (int8 initializer + DQ, or float initializer + Q -> DQ)"
+        ]
+    out = []
+    if form == "int8" and weight.dtype != np.int8:
+        out.append(f"{node.name}: weight is {weight.dtype}, not int8")
+    elif form == "int8" and (weight.min() < -127 or weight.max() > 127):
+        out.append(f"{node.name}: int8 weight outside [-127, 127]")
+    scale = _const(g.inits, dq_w.input[1])
+    axis = next((a.i for a in dq_w.attribute if a.name == "axis"), 1)
+    channels = weight.shape[0]
+    transposed = node.op_type == "Gemm" and not any(a.name == "transB" and a.i == 1 for a in node.attribute)
+    if node.op_type not in ("MatMul", "ConvTranspose") and not transposed:
+        if scale is None or scale.ndim != 1 or scale.shape[0] != channels or axis != 0:
+            out.append(f"{node.name}: weight scale is not per-channel on axis 0")
+    return out
 
 
 def _const(inits: dict, name: str) -> np.ndarray | None:
     return numpy_helper.to_array(inits[name]) if name in inits else None
 
 
-def _inspect_tensorrt(path: Path, proto: onnx.ModelProto) -> dict:
-    graph = proto.graph
-    inits = {i.name: i for i in graph.initializer}
-    producer = {o: n for n in graph.node for o in n.output}
-    float_ops, int_counts, float_counts, violations = [], Counter(), Counter(), []
-
-    def from_dq(name: str) -> onnx.NodeProto | None:
-        node = producer.get(name)
-        return node if node is not None and node.op_type == "DequantizeLinear" else None
-
-    for node in graph.node:
-        op = node.op_type
-        if op in ("QuantizeLinear", "DequantizeLinear"):
-            int_counts[op] += 1
-            zp = _const(inits, node.input[2]) if len(node.input) > 2 and node.input[2] else None
-            zp_type = inits[node.input[2]].data_type if zp is not None else TensorProto.UINT8
-            if zp_type != TensorProto.INT8:
-                violations.append(f"{node.name}: {op} is {TensorProto.DataType.Name(zp_type)}, not INT8")
-            elif zp is not None and np.any(zp != 0):
-                violations.append(f"{node.name}: {op} zero point is not 0")
-        elif op in ("Conv", "Gemm", "MatMul"):
-            dq_x, dq_w = from_dq(node.input[0]), from_dq(node.input[1])
-            if dq_x is None and dq_w is None:
-                float_counts[op] += 1
-                float_ops.append({"name": node.name, "op_type": op, "reason": "no Q/DQ on input or weight"})
-                continue
-            if dq_x is None or dq_w is None:
-                which = "input" if dq_x is None else "weight"
-                violations.append(f"{node.name}: {op} {which} does not come from DequantizeLinear")
-                float_counts[op] += 1
-                float_ops.append({"name": node.name, "op_type": op, "reason": f"{which} not quantized"})
-                continue
-            int_counts[op] += 1
-            violations += _check_weight(node, dq_w, inits)
-        elif op == "Add" and all(i not in inits for i in node.input):
-            quantized = [from_dq(i) is not None for i in node.input]
-            if all(quantized):
-                int_counts[op] += 1
-            else:
-                float_counts[op] += 1
-                float_ops.append({"name": node.name, "op_type": op, "reason": "residual input not quantized"})
-                if any(quantized) or _feeds_from_quantized_conv(node, producer, from_dq):
-                    violations.append(f"{node.name}: residual Add inputs are not both quantized")
-        elif op in COMPUTE_OPS:
-            float_counts[op] += 1
-    if not int_counts:
-        violations.append("no Q/DQ: the model is not quantized (export a fake-quant model)")
-    return _report("tensorrt", float_ops, int_counts, float_counts, violations)
+# ---- Q/DQ placement pattern (compared with NVIDIA's quantizer by tests and tools) --------------------
 
 
-def _feeds_from_quantized_conv(add: onnx.NodeProto, producer: dict, from_dq) -> bool:
-    """Does an Add input come straight from a quantized Conv (a residual that TensorRT should fuse)?"""
-    for name in add.input:
-        node = producer.get(name)
-        if node is not None and node.op_type == "Conv" and from_dq(node.input[0]) is not None:
-            return True
-    return False
+def qdq_pattern(proto: onnx.ModelProto) -> dict:
+    """Where a Q/DQ graph quantizes. {"nodes": [{"node", "inputs": [{"from", "quantized"}], "output_quantized",
+    "consumers"}] for every Add / Sub / Mul / Concat / pooling node, "counts": {...}, "graph": every op as
+    [name, [[input name, quantized], ...]] (+ weight quantized, for Conv/Gemm/MatMul)}. Nodes are named
+    "<op>#<k>", the k-th node of that op type in an order of the float graph (Q/DQ seen through) by depth and
+    then by what feeds it, so the same float model quantized by two tools gives the same names."""
+    g = QdqGraph(proto.graph)
+    nodes = [n for n in proto.graph.node if n.op_type not in QDQ_OPS and g.activations(n)]
+    ids = _canonical_ids(nodes, g)
+    made_by = {o: ids[id(n)] for n in nodes for o in n.output}
+
+    def origin(name: str) -> str:
+        return made_by.get(g.source(name), "input")
+
+    records = []
+    for n in sorted(nodes, key=lambda n: _id_key(ids[id(n)])):
+        inputs = g.activations(n)
+        if n.op_type not in PATTERN_OPS or not inputs:
+            continue
+        records.append({
+            "node": ids[id(n)],
+            "inputs": [{"from": origin(i), "quantized": g.quantized(i)} for i in inputs],
+            "output_quantized": g.output_quantized(n.output[0]),
+            "consumers": sorted({ids[id(c)] for c in _float_consumers(n.output[0], g)}, key=_id_key),
+        })  # fmt: skip
+    skeleton = []
+    for n in nodes:
+        row: list = [ids[id(n)], [[origin(i), g.quantized(i)] for i in g.activations(n)]]
+        if n.op_type in WEIGHTED_OPS:
+            row.append(len(n.input) > 1 and g.dq(n.input[1]) is not None)
+        skeleton.append(row)
+    order = {name: k for k, name in enumerate(ids.values())}  # by depth: producers before consumers
+    skeleton.sort(key=lambda row: order[row[0]])
+    return {"nodes": records, "counts": _pattern_counts(nodes, ids, g), "graph": skeleton}
 
 
-def _check_weight(node: onnx.NodeProto, dq_w: onnx.NodeProto, inits: dict) -> list[str]:
+def _id_key(node_id: str) -> tuple[str, int]:
+    op, _, k = node_id.partition("#")
+    return op, int(k)
+
+
+def _canonical_ids(nodes: list[onnx.NodeProto], g: QdqGraph) -> dict[int, str]:
+    """id(node) -> "<op>#<k>", numbering each op type by (depth, op, what feeds it, weight shape, position)."""
+    depth: dict[str, int] = {}
+    levels: dict[int, list[tuple[int, onnx.NodeProto]]] = {}
+    for position, n in enumerate(nodes):  # ONNX graphs list their nodes in topological order
+        d = 1 + max((depth.get(g.source(i), 0) for i in g.activations(n)), default=0)
+        depth.update({o: d for o in n.output})
+        levels.setdefault(d, []).append((position, n))
+    ids: dict[int, str] = {}
+    made_by: dict[str, str] = {}
+    counters: Counter = Counter()
+    for d in sorted(levels):
+
+        def key(item: tuple[int, onnx.NodeProto]) -> tuple:
+            position, n = item
+            feeds = tuple(sorted(made_by.get(g.source(i), "input") for i in g.activations(n)))
+            return n.op_type, feeds, _weight_shape(n, g), position
+
+        for _, n in sorted(levels[d], key=key):
+            ids[id(n)] = f"{n.op_type}#{counters[n.op_type]}"
+            counters[n.op_type] += 1
+            made_by.update({o: ids[id(n)] for o in n.output})
+    return ids
+
+
+def _weight_shape(node: onnx.NodeProto, g: QdqGraph) -> tuple[int, ...]:
+    for name in node.input[1:2]:
+        dq = g.dq(name)
+        if dq is not None:
+            weight, _ = g.weight(dq)
+            return tuple(weight.shape) if weight is not None else ()
+        if name in g.inits:
+            return tuple(g.inits[name].dims)
+    return ()
+
+
+def _float_consumers(name: str, g: QdqGraph) -> list[onnx.NodeProto]:
+    """The ops that read this tensor, through Q -> DQ pairs and copy ops."""
     out = []
-    weight = _const(inits, dq_w.input[0])
-    if weight is None:
-        return [f"{node.name}: weight is not a constant int8 initializer"]
-    if weight.dtype != np.int8:
-        out.append(f"{node.name}: weight is {weight.dtype}, not int8")
-    elif weight.min() < -127 or weight.max() > 127:
-        out.append(f"{node.name}: int8 weight outside [-127, 127]")
-    scale = _const(inits, dq_w.input[1])
-    axis = next((a.i for a in dq_w.attribute if a.name == "axis"), 1)
-    channels = weight.shape[0]
-    transposed = node.op_type == "Gemm" and not any(a.name == "transB" and a.i == 1 for a in node.attribute)
-    if node.op_type != "MatMul" and not transposed:
-        if scale is None or scale.ndim != 1 or scale.shape[0] != channels or axis != 0:
-            out.append(f"{node.name}: weight scale is not per-channel on axis 0")
+    for c in g.consumers.get(name, []):
+        if c.op_type in QDQ_OPS or c.op_type in COPY_OPS:
+            out += _float_consumers(c.output[0], g)
+        else:
+            out.append(c)
     return out
+
+
+def _pattern_counts(nodes: list[onnx.NodeProto], ids: dict[int, str], g: QdqGraph) -> dict:
+    counts: Counter = Counter()
+    weighted_float = []
+    for n in nodes:
+        inputs = g.activations(n)
+        if n.op_type in WEIGHTED_OPS:
+            counts["weighted_ops"] += 1
+            if g.quantized(n.input[0]):
+                counts["weighted_inputs_quantized"] += 1
+                weight, form = g.weight(g.dq(n.input[1])) if g.dq(n.input[1]) is not None else (None, "")
+                counts[f"weights_{form or 'not_constant'}"] += 1
+            else:
+                weighted_float.append(ids[id(n)])
+            counts["weighted_outputs_quantized"] += g.output_quantized(n.output[0])
+        elif n.op_type == "Add" and len(inputs) == 2:
+            if any(_from_weighted(g.source(i), g) for i in inputs):
+                counts["residual_adds"] += 1
+                quantized = [g.quantized(i) for i in inputs]
+                key = "both" if all(quantized) else "none" if not any(quantized) else "one"
+                counts[f"residual_adds_quantized_inputs_{key}"] += 1
+        elif n.op_type == "Mul" and len(inputs) == 2:
+            kind = "silu" if _is_silu(n, g) else "muls"
+            counts[kind] += 1
+            counts[f"{kind}_outputs_quantized"] += g.output_quantized(n.output[0])
+            if kind == "muls":
+                counts["muls_inputs_quantized"] += sum(g.quantized(i) for i in inputs)
+        elif n.op_type in POOL_OPS:
+            counts["pools"] += 1
+            counts["pools_inputs_quantized"] += g.quantized(inputs[0]) if inputs else 0
+            counts["pools_outputs_quantized"] += g.output_quantized(n.output[0])
+    counts.update({op: sum(1 for n in g.graph.node if n.op_type == op) for op in QDQ_OPS})
+    return {**dict(sorted(counts.items())), "weighted_float": sorted(weighted_float, key=_id_key)}
+
+
+def _from_weighted(name: str, g: QdqGraph) -> bool:
+    node = g.producer.get(name)
+    while node is not None and node.op_type in ("BatchNormalization", "Relu"):
+        node = g.producer.get(node.input[0])
+    return node is not None and node.op_type in WEIGHTED_OPS
 
 
 # One lint per quantization target (the same names as the placement profiles): (path, proto) -> report.
@@ -221,12 +505,13 @@ INSPECTORS.register("onnxruntime", _inspect_onnxruntime)
 INSPECTORS.register("tensorrt", _inspect_tensorrt)
 
 
-def _report(target, float_ops, int_counts, float_counts, violations) -> dict:
+def _report(target, float_ops, int_counts, float_counts, violations, qdq_counts) -> dict:
     return {
         "target": target,
         "float_ops": float_ops,
         "int_op_counts": dict(sorted(int_counts.items())),
         "float_op_counts": dict(sorted(float_counts.items())),
+        "qdq_counts": dict(sorted(qdq_counts.items())),
         "violations": violations,
     }
 
@@ -241,6 +526,8 @@ def format_inspect(report: dict):
     table.add_column("float", justify="right")
     for op in sorted(set(report["int_op_counts"]) | set(report["float_op_counts"])):
         table.add_row(op, str(report["int_op_counts"].get(op, 0)), str(report["float_op_counts"].get(op, 0)))
+    for op, n in report.get("qdq_counts", {}).items():
+        table.add_row(f"[dim]{op} (not counted as an op)[/]", str(n), "")
     for f in report["float_ops"][:20]:
         table.add_row(f"[yellow]float[/] {f['op_type']} {f['name']}", "", f["reason"])
     if len(report["float_ops"]) > 20:

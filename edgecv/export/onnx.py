@@ -173,10 +173,46 @@ def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
     graph.input.extend(inputs)
 
 
+def _transpose_quantized_weights(graph: onnx.GraphProto) -> None:
+    """int8 weight -> DequantizeLinear -> Transpose (a Linear on a >2-D input exports MatMul(x, W^T)) becomes
+    the transposed int8 weight -> DequantizeLinear, so the weight reaches MatMul straight from its DQ."""
+    inits = {i.name: i for i in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    users: dict[str, int] = {}
+    for n in graph.node:
+        for i in n.input:
+            users[i] = users.get(i, 0) + 1
+    kept = []
+    for node in graph.node:
+        dq = producer.get(node.input[0]) if node.op_type == "Transpose" else None
+        if (
+            dq is None
+            or dq.op_type != "DequantizeLinear"
+            or dq.input[0] not in inits
+            or users[dq.output[0]] != 1
+        ):
+            kept.append(node)
+            continue
+        weight = numpy_helper.to_array(inits[dq.input[0]])
+        perm = next(
+            (list(a.ints) for a in node.attribute if a.name == "perm"), list(range(weight.ndim))[::-1]
+        )
+        axis = next((a.i for a in dq.attribute if a.name == "axis"), 1) % weight.ndim
+        name = f"{dq.input[0]}_transposed"
+        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weight.transpose(perm)), name))
+        dq.input[0] = name
+        del dq.attribute[:]
+        dq.attribute.append(helper.make_attribute("axis", perm.index(axis)))
+        dq.output[0] = node.output[0]
+    del graph.node[:]
+    graph.node.extend(kept)
+
+
 def finalize_qdq(proto: onnx.ModelProto, int32_bias: bool) -> onnx.ModelProto:
     """Make an exported fake-quant graph an integer Q/DQ graph (see the module docstring)."""
     graph = proto.graph
     _fold_constants(graph)
+    _transpose_quantized_weights(graph)
     if int32_bias:
         _quantize_biases(graph)
     _drop_unused_initializers(graph)

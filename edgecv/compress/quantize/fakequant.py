@@ -30,9 +30,13 @@ class FakeQuantize(nn.Module):
         axis: int = 0,
         max_range: float | None = None,
         dynamic: bool = False,
+        narrow_range: bool = False,
     ) -> None:
         super().__init__()
         self.symmetric = symmetric
+        # narrow_range (symmetric only): values clamp to [-127, 127] x scale, never -128, as TensorRT and
+        # ModelOpt store int8 weights; it matters once ranges are learned and a value can exceed amax
+        self.narrow_range = narrow_range
         self.channels = channels
         self.axis = axis
         self.max_range = max_range  # e.g. 6.0 after ReLU6: the range is kept inside [0, 6]
@@ -54,7 +58,8 @@ class FakeQuantize(nn.Module):
     def extra_repr(self) -> str:
         kind = "int8 symmetric" if self.symmetric else "uint8 asymmetric"
         where = f"per-channel axis {self.axis}" if self.channels is not None else "per-tensor"
-        return f"{kind}, {where}, enabled={bool(self.enabled)}"
+        narrow = ", narrow range" if self.narrow_range else ""
+        return f"{kind}, {where}{narrow}, enabled={bool(self.enabled)}"
 
     def _channel_amax(self, x: torch.Tensor) -> torch.Tensor:
         dims = [d for d in range(x.dim()) if d != self.axis]
@@ -81,6 +86,9 @@ class FakeQuantize(nn.Module):
         if self.training and any(p.requires_grad for p in params):
             return self._forward_learnable(x)
         scale, zero_point = self.qparams(x)
+        if self.narrow_range and self.symmetric:
+            bound = (127.0 * scale.detach()).reshape(self._broadcast_shape(x))
+            x = torch.clamp(x, -bound, bound)
         if self.channels is not None:
             return torch.fake_quantize_per_channel_affine(
                 x, scale.detach(), zero_point, self.axis, self.quant_min, self.quant_max
@@ -89,13 +97,18 @@ class FakeQuantize(nn.Module):
             x, scale.detach(), zero_point, self.quant_min, self.quant_max
         )
 
-    def _forward_learnable(self, x: torch.Tensor) -> torch.Tensor:
+    def _broadcast_shape(self, x: torch.Tensor) -> list[int]:
         shape = [1] * x.dim()
         if self.channels is not None:
             shape[self.axis] = -1
+        return shape
+
+    def _forward_learnable(self, x: torch.Tensor) -> torch.Tensor:
+        shape = self._broadcast_shape(x)
         if self.symmetric:
             scale = (self.amax.abs().clamp(min=1e-8) / 127.0).reshape(shape)
-            q = torch.clamp(_round_ste(x / scale), self.quant_min, self.quant_max)
+            q_min = -self.quant_max if self.narrow_range else self.quant_min
+            q = torch.clamp(_round_ste(x / scale), q_min, self.quant_max)
             return q * scale
         lo, hi = self.lo.clamp(max=0.0), self.hi.clamp(min=0.0)
         scale = ((hi - lo).clamp(min=1e-8) / 255.0).reshape(shape)
@@ -187,6 +200,7 @@ class QuantConv2d(nn.Conv2d, _WeightQuantMixin):
         """A copy with BatchNorm folded in (for export): the same eval-mode outputs."""
         new = QuantConv2d.from_float(self, None)
         new.weight_quant.load_state_dict(self.weight_quant.state_dict())
+        new.weight_quant.narrow_range = self.weight_quant.narrow_range
         if self.bn is not None:
             weight, bias = fold_bn_into(self.weight, self.bias, self.bn)
             with torch.no_grad():
