@@ -103,8 +103,8 @@ def _export_subjects(run_dir: Path, stages: list[StageModel], recipe: Recipe, de
     out = []
     for name, info in files.items():
         backend = EXPORT_BACKENDS.get(info["format"])
-        if backend not in recipe.bench.backends:
-            continue
+        if backend not in recipe.bench.backends or (info.get("derived_from") and info.get("target") != backend):
+            continue  # an INT8 copy for another target (model.int8.tensorrt.onnx) is measured by its own runtime
         quantized = info["format"] == "onnx-int8" or (info["format"] == "engine" and "model.int8.onnx" in files)
         stage = int8_stage if quantized else float_stage
         path = run_dir / "export" / name
