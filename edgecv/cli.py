@@ -222,6 +222,8 @@ def bench(models: Annotated[list[Path] | None, typer.Argument(help="model files 
     rows += trtexec_rows
     facts = host_facts()
     console.print(bench_table(rows))
+    for r in trtexec_rows:
+        console.print(f"{r.model}: {r.note}", markup=False)
     _print_jetson(facts.get("jetson"))
     if json_out:
         write_json(json_out, {"rows": [r.to_dict() for r in rows], "device": facts,
@@ -356,6 +358,9 @@ def recipes_schema() -> None:
     sys.stdout.write(json.dumps(recipe_schema(), indent=2) + "\n")
 
 
+TRAIN_MODULES = ("torch", "torchvision", "torch_pruning", "matplotlib")  # the `train` extra
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user mistakes print one `error:` line and exit 2; --debug shows tracebacks.
     Usage errors (unknown option, missing argument) are Typer's own, also exit code 2."""
@@ -376,6 +381,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         if debug:
             raise
+        missing = (exc.name or "").split(".")[0] if isinstance(exc, ModuleNotFoundError) else ""
+        if missing in TRAIN_MODULES:  # a training command on a device-side install
+            err_console.print(f"error: this command needs {missing}, which is not installed here: install the "
+                              "training extra (pip install 'edgecv[train]')", markup=False, soft_wrap=True)
+            return 2
         msg = str(exc).splitlines()[0] if str(exc) else ""
         err_console.print(
             f"error: internal error: {type(exc).__name__}: {msg} (rerun with --debug for the traceback)",

@@ -192,3 +192,12 @@ def test_without_torch_an_engine_names_tensorrt_and_synthetic_data_asks_for_no_a
     proc = run_cli("bench", "model.onnx", "--runs", "2", "--rounds", "1", "--no-accuracy", cwd=tmp_path,
                    env=no_torch, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("args", [["export", "model.pt"], ["compress", "quickstart"], ["train", "quickstart"]])
+def test_training_commands_without_torch_say_which_extra(no_torch, tmp_path, args):
+    (tmp_path / "model.pt").write_bytes(b"a checkpoint")
+    proc = run_cli(*args, cwd=tmp_path, env=no_torch, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.strip() == ("error: this command needs torch, which is not installed here: install the "
+                                   "training extra (pip install 'edgecv[train]')")

@@ -669,6 +669,7 @@ def test_bench_trtexec_log_cli(tmp_path):
     proc = run_cli("bench", "--trtexec-log", str(log), "--json", str(tmp_path / "b.json"), timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "trtexec.log" in proc.stdout and "1.438" in proc.stdout and "5,531.5" in proc.stdout
+    assert "GPU compute median 1.398 ms, p99 2.576 ms" in proc.stdout
     rows = json.loads((tmp_path / "b.json").read_text())["rows"]
     assert rows[0]["backend"] == "trtexec" and rows[0]["latency"][0]["p99_ms"] == pytest.approx(2.61597)
     log.write_text("nothing here")
