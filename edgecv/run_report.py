@@ -18,7 +18,7 @@ from edgecv.compress.quantize import is_quantized
 from edgecv.console import console, make_progress
 from edgecv.data.datasets import DataBundle
 from edgecv.data.loaders import LimitedLoader
-from edgecv.device import host_facts, is_cuda
+from edgecv.device import clock_warning, host_facts, is_cuda
 from edgecv.models.complexity import count_macs_params
 from edgecv.models.spec import ModelSpec
 from edgecv.recipe import Recipe
@@ -118,7 +118,10 @@ def _export_subjects(run_dir: Path, stages: list[StageModel], recipe: Recipe, de
 
 
 def _sections(manifest: dict, files: dict, recipe: Recipe) -> ReportSections:
-    s = ReportSections(device=host_facts())
+    facts = host_facts()
+    if warning := clock_warning(facts.get("jetson")):  # a Jetson with unlocked clocks: say it in the report
+        facts["warning"] = warning
+    s = ReportSections(device=facts)
     b = recipe.bench
     s.settings = {"batch_sizes": list(b.batch_sizes), "warmup": b.warmup, "runs": b.runs, "rounds": b.rounds,
                   "threads": b.threads, "method": "blocks"}

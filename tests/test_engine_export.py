@@ -156,3 +156,60 @@ def test_export_tensorrt_walks_up_to_the_tensorrt_call(finished_run, tmp_path):
     trt_file = tmp_path / "model.int8.tensorrt.onnx"
     assert out.is_file() and trt_file.is_file() and not list(tmp_path.glob("*.engine"))
     assert inspect_onnx(trt_file, "tensorrt")["violations"] == []
+
+
+@pytest.mark.parametrize("version", ["8.6.1", "10.3.0", "11.4.0.106"])
+def test_the_device_build_plan_of_the_exported_file(run_with_tensorrt_file, version):
+    """What a Jetson would build from the copied export folder: INT8 from the TensorRT-target graph, with
+    the recipe's engine options and a profile covering bench (1, 8) and eval_batch_size (128)."""
+    from edgecv.export.tensorrt import BuildOptions, engine_path_for, engine_profile, plan_build
+    from edgecv.model_files import stored_data_section, stored_engine_options
+
+    run_dir, _ = run_with_tensorrt_file
+    onnx = run_dir / "export" / "model.int8.tensorrt.onnx"
+    stored = stored_engine_options(onnx)
+    build = BuildOptions(precision=stored["precision"], workspace_mb=stored["workspace_mb"],
+                         batches=engine_profile(stored["batch_sizes"], stored_data_section(onnx)["eval_batch_size"]))
+    plan = plan_build(onnx, engine_path_for(onnx), version, build)
+    assert plan.options["precision"] == "int8" and plan.options["profile"]["max"][0] == 128
+    assert plan.options["profile"]["opt"][0] == 8 and plan.source == onnx
+    assert ("--int8" in plan.trtexec) == version.startswith("8")
+    assert ("--stronglyTyped" in plan.trtexec) == (not version.startswith("8"))
+    assert plan.engine_path.name == "model.int8.tensorrt.engine"
+
+
+def test_bench_an_onnx_file_on_tensorrt_walks_up_to_the_build(run_with_tensorrt_file, tmp_path):
+    try:
+        import tensorrt  # noqa: F401
+
+        pytest.skip("TensorRT is installed here")
+    except ImportError:
+        pass
+    run_dir, _ = run_with_tensorrt_file
+    export = tmp_path / "export"
+    shutil.copytree(run_dir / "export", export)
+    proc = run_cli("bench", str(export / "model.int8.tensorrt.onnx"), "--backend", "tensorrt", timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().startswith("error: TensorRT is not installed here")
+    assert not list(export.glob("*.engine"))
+
+
+def test_learned_weight_ranges_give_int8_weights_within_127(tmp_path):
+    """QAT may learn a weight range below a channel's largest weight; the TensorRT file still holds int8
+    weights in [-127, 127] (inspect's rule), one step from what the source rounded them to."""
+    from edgecv.compress.quantize import set_learnable_ranges
+
+    qmodel, x = calibrated("edgecv:resnet8")
+    set_learnable_ranges(qmodel, True)  # weight ranges become stored values
+    with torch.no_grad():
+        for m in qmodel.modules():
+            if isinstance(m, (QuantConv2d, QuantLinear)):
+                m.weight_quant.amax.mul_(0.5)  # as if training had narrowed them
+    trt = retarget(qmodel, "tensorrt", build_model("edgecv:resnet8", 10, 3, 32), x)
+    for m in trt.modules():
+        if isinstance(m, (QuantConv2d, QuantLinear)):
+            bound = m.weight_quant.amax.reshape(-1, *([1] * (m.weight.dim() - 1)))
+            assert (m.weight.abs() <= bound + 1e-6).all()
+    report = inspect_onnx(export_onnx(trt, tmp_path / "t.onnx", x), "tensorrt")
+    assert report["violations"] == []
+    ort = inspect_onnx(export_onnx(qmodel, tmp_path / "o.onnx", x), "tensorrt")
+    assert any("outside [-127, 127]" in v for v in ort["violations"])
