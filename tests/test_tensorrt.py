@@ -65,8 +65,8 @@ def meta(**overrides) -> EngineMetadata:
         ("10.3.0.30", "int8", ["STRONGLY_TYPED"], [], True),
         ("10.3.0.30", "fp16", [], ["FP16"], False),
         ("10.13.0.35", "fp32", [], [], False),
-        ("11.0.0", "int8", ["STRONGLY_TYPED"], [], True),
-        ("11.0.0", "fp16", ["STRONGLY_TYPED"], [], True),
+        ("11.0.0", "int8", [], [], True),  # every network is strongly typed; the flag is deprecated, ignored
+        ("11.0.0", "fp16", [], [], True),
     ],
 )
 def test_builder_options_per_version(version, precision, network_flags, builder_flags, strongly_typed):
@@ -440,7 +440,7 @@ def qdq_path(tmp_path_factory):
 
 @pytest.mark.parametrize(
     ("version", "precision", "fp16_source", "flags"),
-    [("11.4.0.106", "fp16", True, ["--stronglyTyped"]), ("10.3.0", "fp16", False, ["--fp16"]),
+    [("11.4.0.106", "fp16", True, []), ("10.3.0", "fp16", False, ["--fp16"]),
      ("10.13.3.9", "auto", False, ["--fp16"]), ("8.6.1", "fp32", False, [])],
 )
 def test_fp16_on_tensorrt_11_builds_from_an_fp16_graph(float_onnx, tmp_path, version, precision, fp16_source, flags):
@@ -461,8 +461,16 @@ def test_int8_plan_from_a_qdq_graph_and_dla(qdq_path, tmp_path):
     plan = plan_build(qdq_path, tmp_path / "m.engine", "8.6.1", BuildOptions(batches=(1, 8, 8), dla_core=1))
     assert plan.options["precision"] == "int8" and plan.options["builder_flags"] == ["INT8", "GPU_FALLBACK"]
     assert "--int8" in plan.trtexec and "--useDLACore=1 --allowGPUFallback" in plan.trtexec
+    on_jetpack6 = plan_build(qdq_path, tmp_path / "m.engine", "10.3.0", BuildOptions(batches=(1, 8, 8), dla_core=0))
+    assert on_jetpack6.options["builder_flags"] == ["INT8", "GPU_FALLBACK"]  # weakly typed, as DLA builds are
+    assert on_jetpack6.options["network_flags"] == [] and "--stronglyTyped" not in on_jetpack6.trtexec
+    on_jetpack72 = plan_build(qdq_path, tmp_path / "m.engine", "11.4.1", BuildOptions(batches=(1, 8, 8), dla_core=0))
+    assert on_jetpack72.options["builder_flags"] == ["GPU_FALLBACK"] and on_jetpack72.options["strongly_typed"]
     with pytest.raises(EdgecvError, match="DLA runs INT8 and FP16 layers only"):
         plan_build(qdq_path, tmp_path / "m.engine", "10.3.0", BuildOptions(precision="fp32", dla_core=0))
+    for no_dla in ("10.13.3.9", "11.4.0.106"):
+        with pytest.raises(EdgecvError, match=f"TensorRT {no_dla} does not drive the DLA"):
+            plan_build(qdq_path, tmp_path / "m.engine", no_dla, BuildOptions(dla_core=0))
     from edgecv.export.tensorrt import check_dla_core
 
     check_dla_core(1, 2)

@@ -54,7 +54,6 @@ class EngineMetadata:
     jetpack: str | None = None
     l4t: str | None = None
     onnx_file: str | None = None
-    target: str | None = None  # quantization target the ONNX was exported for (INT8 files)
     built_precision: dict | None = None  # share of layers per precision, from the engine inspector
     builder_warnings: list[str] = field(default_factory=list)
     device_memory_bytes: int | None = None
@@ -255,14 +254,23 @@ def _profile(min_shape: Shape, opt_shape: Shape, max_shape: Shape) -> dict[str, 
     return shapes
 
 
-def _flags(precision: str, version: tuple[int, ...], fp16_graph: bool) -> tuple[list[str], list[str], list[str]]:
+def dla_supported(version: tuple[int, ...]) -> bool:
+    """Whether a TensorRT release drives the DLA: up to 10.7, and again from 11.4.1 (AGX Orin, JetPack
+    7.2.2+); 10.8 to 11.4.0 do not (NVIDIA's "Working with DLA")."""
+    return version[:2] <= (10, 7) or version[:3] >= (11, 4, 1)
+
+
+def _flags(precision: str, version: tuple[int, ...], fp16_graph: bool,
+           dla: bool = False) -> tuple[list[str], list[str], list[str]]:
     """(network flags, builder flags, notes) for a precision on a TensorRT major version."""
-    if version[0] >= 11:  # strongly typed is the only kind of network; types come from the graph
+    if version[0] >= 11:  # every network is strongly typed (the flag is deprecated and ignored): graph types
         notes = []
         if precision == "fp16" and not fp16_graph:
             notes.append("TensorRT 11 has no FP16 flag: edgecv builds from an FP16 copy of the graph")
-        return ["STRONGLY_TYPED"], [], notes
+        return [], [], notes
     if version[0] >= 10:
+        if precision == "int8" and dla:  # DLA (TensorRT <= 10.7) as NVIDIA documents it: the INT8 flag
+            return [], ["INT8"], ["the INT8 builder flag is deprecated in TensorRT 10 and removed in 11"]
         if precision == "int8":
             return ["STRONGLY_TYPED"], [], []
         if precision == "fp16" and not fp16_graph:
@@ -272,6 +280,20 @@ def _flags(precision: str, version: tuple[int, ...], fp16_graph: bool) -> tuple[
     if precision == "int8":
         return network, ["INT8"], []  # TensorRT 8 needs the flag to honour Q/DQ nodes
     return network, (["FP16"] if precision == "fp16" else []), []
+
+
+def _check_dla(dla_core: int | None, precision: str, version: tuple[int, ...], trt_version: str) -> None:
+    if dla_core is None:
+        return
+    if dla_core < 0:
+        raise EdgecvError(f"dla_core must be >= 0, got {dla_core}")
+    if precision == "fp32":
+        raise EdgecvError("DLA runs INT8 and FP16 layers only: build with precision int8 or fp16, or without dla_core")
+    if not dla_supported(version):
+        raise EdgecvError(
+            f"dla_core: TensorRT {trt_version} does not drive the DLA (TensorRT 10.7 and older do, and 11.4.1+ "
+            "on AGX Orin with JetPack 7.2.2+); build without dla_core"
+        )
 
 
 def builder_options(
@@ -291,28 +313,27 @@ def builder_options(
     "notes"}. Flag names are TensorRT's enum members (checked against each version's real bindings).
 
     - INT8 needs Q/DQ in the ONNX graph (`has_qdq`; None = not known, not checked): no implicit calibration.
-    - TensorRT >= 10: a Q/DQ network is built strongly typed; FP16 uses the deprecated FP16 flag on 10.x and
-      an FP16 graph on 11 (`needs_fp16_graph`: the caller converts the ONNX file), where every network is
-      strongly typed.
+    - TensorRT 10: a Q/DQ network is built strongly typed; FP16 uses the deprecated FP16 flag.
+    - TensorRT 11: every network is strongly typed (no flags); FP16 needs an FP16 graph
+      (`needs_fp16_graph`: the caller converts the ONNX file).
     - TensorRT 8.5/8.6: explicit-batch network; Q/DQ needs the INT8 flag, FP16 the FP16 flag.
-    - DLA (`dla_core`): INT8 or FP16 only, with GPU fallback for the layers DLA cannot run.
+    - DLA (`dla_core`): INT8 or FP16 only, with GPU fallback for the layers DLA cannot run; on TensorRT 10
+      weakly typed with the precision flag (as NVIDIA documents DLA builds); refused on the releases that do
+      not drive the DLA (10.8 to 11.4.0).
     """
     version = parse_version(trt_version)
     _check_request(precision, version, trt_version, workspace_mb, has_qdq)
+    _check_dla(dla_core, precision, version, trt_version)
     shapes = _profile(min_shape, opt_shape, max_shape)
-    network_flags, builder_flags, notes = _flags(precision, version, fp16_graph)
+    network_flags, builder_flags, notes = _flags(precision, version, fp16_graph, dla=dla_core is not None)
     if dla_core is not None:
-        if dla_core < 0:
-            raise EdgecvError(f"dla_core must be >= 0, got {dla_core}")
-        if precision == "fp32":
-            raise EdgecvError("DLA runs INT8 and FP16 layers only: build with precision int8 or fp16, or without dla_core")
         builder_flags.append("GPU_FALLBACK")
         notes.append(f"DLA core {dla_core}, layers DLA cannot run fall back to the GPU")
     return {
         "precision": precision,
         "network_flags": network_flags,
         "builder_flags": builder_flags,
-        "strongly_typed": "STRONGLY_TYPED" in network_flags,
+        "strongly_typed": version[0] >= 11 or "STRONGLY_TYPED" in network_flags,
         "workspace_bytes": int(workspace_mb) * 1024 * 1024,
         "profile": shapes,
         "needs_fp16_graph": version[0] >= 11 and precision == "fp16" and not fp16_graph,
@@ -357,7 +378,7 @@ def trtexec_command(onnx_path: str | Path, engine_path: str | Path, input_name: 
              f"--minShapes={dims(profile['min'])}", f"--optShapes={dims(profile['opt'])}",
              f"--maxShapes={dims(profile['max'])}",
              f"--memPoolSize=workspace:{options['workspace_bytes'] // 2**20}"]
-    if options["strongly_typed"]:
+    if "STRONGLY_TYPED" in options["network_flags"]:  # TensorRT 10; on 11 every network is strongly typed
         parts.append("--stronglyTyped")
     parts += [f"--{flag.lower()}" for flag in options["builder_flags"] if flag in ("FP16", "INT8")]
     if options.get("dla_core") is not None:
@@ -661,7 +682,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, build: BuildOpt
 
 
 def engine_metadata(plan: BuildPlan, current: dict, shares: dict | None, memory: int | None,
-                    warnings: Sequence[str], target: str | None = None) -> EngineMetadata:
+                    warnings: Sequence[str]) -> EngineMetadata:
     """The metadata of an engine built from `plan` on the device `current` describes (unknown facts stay
     None, never "unknown" strings that would later refuse the engine)."""
     shapes = plan.options["profile"]
@@ -671,7 +692,7 @@ def engine_metadata(plan: BuildPlan, current: dict, shares: dict | None, memory:
         input_shape_min=shapes["min"], input_shape_opt=shapes["opt"], input_shape_max=shapes["max"],
         built_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         compute_capability=current.get("compute_capability"), device_name=current.get("device_name"),
-        jetpack=current.get("jetpack"), l4t=current.get("l4t"), onnx_file=plan.onnx_path.name, target=target,
+        jetpack=current.get("jetpack"), l4t=current.get("l4t"), onnx_file=plan.onnx_path.name,
         built_precision=shares, builder_warnings=list(dict.fromkeys(w for w in warnings if w))[:50],
         device_memory_bytes=memory,
         options={**{k: v for k, v in plan.options.items() if k != "profile"}, "request": plan.request},
