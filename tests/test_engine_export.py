@@ -174,7 +174,7 @@ def test_the_device_build_plan_of_the_exported_file(run_with_tensorrt_file, vers
     assert plan.options["precision"] == "int8" and plan.options["profile"]["max"][0] == 128
     assert plan.options["profile"]["opt"][0] == 8 and plan.source == onnx
     assert ("--int8" in plan.trtexec) == version.startswith("8")
-    assert ("--stronglyTyped" in plan.trtexec) == (not version.startswith("8"))
+    assert ("--stronglyTyped" in plan.trtexec) == version.startswith("10")  # 11: always strongly typed
     assert plan.engine_path.name == "model.int8.tensorrt.engine"
 
 
