@@ -10,10 +10,11 @@ FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+# The quick start trains, so it installs the `train` extra, with the exact torch of constraints.txt.
+$(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[train,dev]'
 	@touch $(STAMP)
 
 # Fashion-MNIST: the Debian package where apt and root are available, else torchvision's download into ./data

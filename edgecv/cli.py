@@ -107,23 +107,10 @@ def sensitivity(recipe: RecipeArg, set_: SetOpt = None, out: OutOpt = Path("runs
 
 
 def _data_for_model(path: Path, recipe: str | None, data: str | None, limit: int | None):
-    """Validation data for a model file: the recipe's data section, else the one stored with the model."""
-    from edgecv.config import load_raw, resolve_recipe_path, validate_section
-    from edgecv.data.config import DataConfig
-    from edgecv.data.datasets import build_data
-    from edgecv.model_files import stored_data_section
+    """Validation batches for a model file: the recipe's data section, else the one stored with the model."""
+    from edgecv.model_files import validation_batches
 
-    if recipe:
-        source = resolve_recipe_path(recipe)
-        cfg = validate_section(DataConfig, load_raw(source).get("data"), str(source), prefix="data")
-    else:
-        stored = stored_data_section(path)
-        if stored is None:
-            raise EdgecvError(f"{str(path)!r}: no dataset recorded with this model; pass --recipe RECIPE")
-        cfg = validate_section(DataConfig, stored, str(path), prefix="data")
-    if limit:
-        cfg = cfg.model_copy(update={"limit_val": limit})
-    return build_data(cfg, _data_root(data))
+    return validation_batches(path, recipe, _data_root(data), limit)
 
 
 def _run_device(device: str) -> str:
@@ -147,7 +134,7 @@ def eval_(model: Annotated[Path, typer.Argument(help="model file: .pt (torch), .
 
     path = check_paths([model])[0]
     runner = subject_for(path, backend or default_backend(path), _run_device(device), None).load()
-    acc = evaluate(runner, _data_for_model(path, recipe, data, limit).val)
+    acc = evaluate(runner, _data_for_model(path, recipe, data, limit))
     result = {"model": str(path), "backend": runner.backend, "top1": round(acc["top1"], 3),
               "top5": round(acc["top5"], 3), "n": acc["n"]}
     if json_out:
@@ -184,9 +171,9 @@ def export(model: Annotated[Path, typer.Argument(help="edgecv checkpoint (.pt) f
                   + (f"top-1 agreement {100 * parity['top1_agreement']:.1f}%" if quantized
                      else f"max |diff| {parity['max_abs_diff']:.2e}"))
     if tensorrt:
-        from edgecv.export.tensorrt import build_engine
+        from edgecv.stages.export import engine_for_checkpoint
 
-        build_engine(dest, dest.with_suffix(".engine"), precision="int8" if quantized else "fp16")
+        engine_for_checkpoint(net, header, dest, samples, opset)
 
 
 def _batch_sizes(text: str) -> tuple[int, ...]:
@@ -200,7 +187,7 @@ def _batch_sizes(text: str) -> tuple[int, ...]:
 
 
 @app.command()
-def bench(models: Annotated[list[Path], typer.Argument(help="model files (.pt, .onnx, .engine)")],
+def bench(models: Annotated[list[Path] | None, typer.Argument(help="model files (.pt, .onnx, .engine)")] = None,
           backend: Annotated[list[str] | None, typer.Option("--backend", help="a bench backend (repeatable; default: by file type)")] = None,
           batch_sizes: Annotated[str, typer.Option(help="comma-separated batch sizes")] = "1,8",
           warmup: Annotated[int, typer.Option(help="warm-up runs per block")] = 10,
@@ -213,38 +200,67 @@ def bench(models: Annotated[list[Path], typer.Argument(help="model files (.pt, .
           power: Annotated[bool, typer.Option(help="sample tegrastats for power and energy (Jetson)")] = False,
           device: DeviceOpt = "auto", data: DataOpt = None,
           json_out: Annotated[Path | None, typer.Option("--json", help="write results as JSON to this file")] = None,
+          trtexec_log: Annotated[list[Path] | None, typer.Option("--trtexec-log", help="a saved trtexec output, shown as a row beside edgecv's (repeatable)")] = None,
           debug: DebugOpt = False) -> None:
     """Latency percentiles, throughput, memory, accuracy (and power on a Jetson), side by side."""
-    from edgecv.bench.measure import BenchSettings, measure
+    from edgecv.bench.measure import BenchSettings
     from edgecv.bench.runners import RUNNERS
-    from edgecv.console import make_progress
+    from edgecv.bench.trtexec import trtexec_log_row
     from edgecv.device import host_facts
     from edgecv.io import write_json
-    from edgecv.model_files import check_paths, default_backend, model_input_shape, subject_for
+    from edgecv.model_files import check_paths
     from edgecv.report.render import bench_table
 
     settings = BenchSettings(_batch_sizes(batch_sizes), warmup, runs, rounds, accuracy=accuracy, power=power)
     for b in backend or []:
         RUNNERS.get(b)
-    paths = check_paths(models)
-    shapes = {p: model_input_shape(p) for p in paths}
-    if len(set(shapes.values())) > 1:
-        raise EdgecvError("models have different input shapes: " + ", ".join(f"{p.name} {s}" for p, s in shapes.items()))
-    dev = _run_device(device)
-    subjects = [subject_for(p, b, dev, threads) for p in paths for b in backend or [default_backend(p)]]
-    val = None
-    if accuracy:
-        bundle = _data_for_model(paths[0], recipe, data, limit)
-        val = lambda: bundle.val  # noqa: E731
-    with make_progress() as progress:
-        rows = measure(subjects, settings, next(iter(shapes.values())), val, _progress(progress))
+    if not models and not trtexec_log:
+        raise EdgecvError("nothing to bench: give model files and/or --trtexec-log LOG")
+    trtexec_rows = [trtexec_log_row(p) for p in trtexec_log or []]
+    paths = check_paths(models or [])
+    rows, subjects = _measure_files(paths, backend, settings, device, threads, recipe, data, limit) if paths else ([], [])
+    rows += trtexec_rows
+    facts = host_facts()
     console.print(bench_table(rows))
+    for r in trtexec_rows:
+        console.print(f"{r.model}: {r.note}", markup=False)
+    _print_jetson(facts.get("jetson"))
     if json_out:
-        write_json(json_out, {"rows": [r.to_dict() for r in rows], "device": host_facts(),
+        write_json(json_out, {"rows": [r.to_dict() for r in rows], "device": facts,
                               "runners": {s.model + "@" + s.runner.backend: s.runner.describe() for s in subjects},
                               "settings": {**settings.__dict__, "batch_sizes": list(settings.batch_sizes),
                                            "threads": threads}})
         console.print(f"wrote {json_out}")
+
+
+def _measure_files(paths, backends, settings, device, threads, recipe, data, limit):
+    """(rows, subjects) of model files measured together: same input shape, accuracy on the first's data."""
+    from edgecv.bench.measure import measure
+    from edgecv.console import make_progress
+    from edgecv.model_files import default_backend, model_input_shape, subject_for
+
+    shapes = {p: model_input_shape(p) for p in paths}
+    if len(set(shapes.values())) > 1:
+        raise EdgecvError("models have different input shapes: " + ", ".join(f"{p.name} {s}" for p, s in shapes.items()))
+    dev = _run_device(device)
+    subjects = [subject_for(p, b, dev, threads, settings.batch_sizes) for p in paths
+                for b in backends or [default_backend(p)]]
+    val = None
+    if settings.accuracy:
+        batches = _data_for_model(paths[0], recipe, data, limit)
+        val = lambda: batches  # noqa: E731
+    with make_progress() as progress:
+        return measure(subjects, settings, next(iter(shapes.values())), val, _progress(progress)), subjects
+
+
+def _print_jetson(jetson: dict | None) -> None:
+    """Model, JetPack, power mode and clocks under every Jetson measurement; a warning if not locked."""
+    from edgecv.device import clock_warning, jetson_summary
+
+    if jetson:
+        console.print(jetson_summary(jetson))
+        if warning := clock_warning(jetson):
+            console.print(f"[yellow]warning: {warning}[/]")
 
 
 def _progress(progress):
@@ -269,6 +285,33 @@ def inspect(model: Annotated[Path, typer.Argument(help="an ONNX model (float or 
     console.print(format_inspect(report))
     if json_out:
         write_json(json_out, report)
+
+
+@app.command()
+def power(log: Annotated[Path, typer.Argument(help="a saved tegrastats log (tegrastats --interval MS --logfile LOG)")],
+          frames: Annotated[int | None, typer.Option(help="images processed while the log was written: energy per image")] = None,
+          duration: Annotated[float | None, typer.Option(help="seconds the log covers (default: from --interval-ms or its time stamps)")] = None,
+          interval_ms: Annotated[float | None, typer.Option("--interval-ms", help="tegrastats --interval the log was written with")] = None,
+          rail: Annotated[list[str] | None, typer.Option("--rail", help="sum these rails instead of the module's (repeatable)")] = None,
+          json_out: Annotated[Path | None, typer.Option("--json", help="write the summary to this JSON file")] = None,
+          debug: DebugOpt = False) -> None:
+    """Average power per rail, module power and energy per image from a saved tegrastats log."""
+    from edgecv.bench.power import format_power_summary, power_summary
+    from edgecv.device import jetson_facts
+    from edgecv.io import write_json
+
+    try:
+        text = log.read_text(errors="replace")
+    except OSError as exc:
+        raise EdgecvError(f"{str(log)!r}: cannot read the log ({exc.strerror or exc})") from None
+    summary = power_summary(text, frames=frames, duration_s=duration, interval_ms=interval_ms, rails=rail)
+    for line in format_power_summary(summary):
+        console.print(line, markup=False)
+    jetson = jetson_facts()
+    _print_jetson(jetson)
+    if json_out:
+        write_json(json_out, {**summary, "log": str(log), "jetson": jetson})
+        console.print(f"wrote {json_out}")
 
 
 # --------------------------------------------------------------------------- recipes
@@ -315,6 +358,9 @@ def recipes_schema() -> None:
     sys.stdout.write(json.dumps(recipe_schema(), indent=2) + "\n")
 
 
+TRAIN_MODULES = ("torch", "torchvision", "torch_pruning", "matplotlib")  # the `train` extra
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user mistakes print one `error:` line and exit 2; --debug shows tracebacks.
     Usage errors (unknown option, missing argument) are Typer's own, also exit code 2."""
@@ -335,6 +381,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         if debug:
             raise
+        missing = (exc.name or "").split(".")[0] if isinstance(exc, ModuleNotFoundError) else ""
+        if missing in TRAIN_MODULES:  # a training command on a device-side install
+            err_console.print(f"error: this command needs {missing}, which is not installed here: install the "
+                              "training extra (pip install 'edgecv[train]')", markup=False, soft_wrap=True)
+            return 2
         msg = str(exc).splitlines()[0] if str(exc) else ""
         err_console.print(
             f"error: internal error: {type(exc).__name__}: {msg} (rerun with --debug for the traceback)",

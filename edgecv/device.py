@@ -1,5 +1,6 @@
 """Which device to run on (`resolve_device`), and facts about the machine a measurement ran on: CPU, OS,
-library versions, GPU, and Jetson/JetPack release. Imports neither torch nor TensorRT at module level."""
+library versions, GPU (from the CUDA runtime through cuda-python, else torch), and Jetson facts (model,
+L4T/JetPack, power mode, whether the clocks are locked). Imports neither torch nor TensorRT at module level."""
 
 from __future__ import annotations
 
@@ -7,7 +8,11 @@ import importlib.metadata
 import os
 import platform
 import re
+import shutil
+import subprocess
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from edgecv.errors import EdgecvError
 
@@ -20,20 +25,80 @@ def resolve_device(device: str) -> str:
         return device
     if device not in ("auto", "cuda") and not re.fullmatch(r"cuda:\d+", device):
         raise EdgecvError(f"--device {device!r}: choose auto, cpu, cuda or cuda:N")
+    count = cuda_device_count()
+    if count is None:
+        if device == "auto":
+            return "cpu"
+        raise EdgecvError(
+            f"--device {device}: edgecv cannot check the GPU: install cuda-python (the TensorRT extra) or torch"
+        )
+    if device == "auto":
+        return "cuda" if count > 0 else "cpu"
+    if count == 0:
+        raise EdgecvError(f"--device {device}: no CUDA device is available on this machine")
+    if device_index(device) >= count:
+        raise EdgecvError(f"--device {device}: this machine has {count} CUDA device(s)")
+    return device
+
+
+def cuda_device_count() -> int | None:
+    """CUDA devices this machine offers: the larger of torch's count and the CUDA runtime's (cuda-python),
+    so that either library alone is enough; None when neither is installed (nothing can be known)."""
+    counts = []
     try:
         import torch
     except ImportError:
-        if device == "auto":
-            return "cpu"
-        raise EdgecvError(f"--device {device}: torch is not installed, so edgecv cannot check the GPU") from None
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if not torch.cuda.is_available():
-        raise EdgecvError(f"--device {device}: no CUDA device is available on this machine")
-    index = device_index(device)
-    if index >= torch.cuda.device_count():
-        raise EdgecvError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return device
+        pass
+    else:
+        counts.append(torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    runtime = cuda_runtime()
+    if runtime is not None:
+        counts.append(int(_cuda_call(runtime.cudaGetDeviceCount) or 0))
+    return max(counts) if counts else None
+
+
+# ------------------------------------------------------------------------------------------ CUDA runtime
+def cuda_runtime() -> Any | None:
+    """cuda-python's runtime module: `cuda.bindings.runtime` (cuda-python >= 12.6), else `cuda.cudart`
+    (older releases); None when cuda-python is not installed."""
+    try:
+        from cuda.bindings import runtime
+    except ImportError:
+        try:
+            from cuda import cudart as runtime
+        except ImportError:
+            return None
+    return runtime
+
+
+def _cuda_call(fn: Callable[..., Any], *args: Any) -> Any | None:
+    """The value of a cuda-python call that returns (err, value), or None when it fails (no GPU, no driver:
+    cuda-python 12.2 raises RuntimeError when it cannot load libcuda, later releases return an error)."""
+    try:
+        err, *values = fn(*args)
+    except (RuntimeError, OSError):
+        return None
+    if int(err) != 0:
+        return None
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def _text(value: Any) -> str:
+    text = value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+    return text.split("\x00", 1)[0].strip()
+
+
+def cuda_device_facts(index: int = 0) -> dict | None:
+    """{"name", "compute_capability", "memory_mb"} of CUDA device `index` from the CUDA runtime
+    (cuda-python), None when cuda-python or the device is missing."""
+    runtime = cuda_runtime()
+    if runtime is None:
+        return None
+    props = _cuda_call(runtime.cudaGetDeviceProperties, index)
+    if props is None:
+        return None
+    return {"name": _text(props.name), "compute_capability": f"{props.major}.{props.minor}",
+            "memory_mb": round(int(props.totalGlobalMem) / 2**20)}
 
 
 def device_index(device: str) -> int:
@@ -74,6 +139,8 @@ L4T_TO_JETPACK = {
     "36.4.3": "6.2",
     "36.4.4": "6.2.1",
     "38.2": "7.0",
+    "38.4": "7.1",
+    "39.2": "7.2",
 }
 
 # JetPack major.minor -> TensorRT it ships (NVIDIA's JetPack release notes); used in messages that say what to expect.
@@ -85,6 +152,8 @@ JETPACK_TENSORRT = {
     "6.1": "10.3",
     "6.2": "10.3",
     "7.0": "10.13",
+    "7.1": "10.13",
+    "7.2": "11.4",
 }
 
 _RELEASE = re.compile(r"#\s*R(\d+)\s*\(release\),\s*REVISION:\s*([0-9.]+)")
@@ -115,12 +184,13 @@ def jetpack_for_l4t(l4t: str | None) -> str | None:
         if key in L4T_TO_JETPACK:
             return L4T_TO_JETPACK[key]
     # An unlisted 36.x.y is JetPack 6, 35.x JetPack 5: better a major version than nothing.
-    return {"32": "4", "35": "5", "36": "6", "38": "7"}.get(parts[0])
+    return {"32": "4", "35": "5", "36": "6", "38": "7", "39": "7"}.get(parts[0])
 
 
-def jetson_facts(root: Path = Path("/")) -> dict | None:
-    """{"model", "l4t", "jetpack", "tensorrt_expected"} read from <root>/etc/nv_tegra_release and
-    <root>/proc/device-tree/model; None when neither says this is a Jetson."""
+def jetson_facts(root: Path = Path("/"), run: Callable[[list[str]], str | None] | None = None) -> dict | None:
+    """{"model", "l4t", "jetpack", "tensorrt_expected", "power_mode", "clocks"} read from
+    <root>/etc/nv_tegra_release, <root>/proc/device-tree/model, `nvpmodel -q` and `jetson_clocks --show`
+    (through `run`, default: the real tools); None when neither file says this is a Jetson."""
     release_file = root / "etc" / "nv_tegra_release"
     model_file = root / "proc" / "device-tree" / "model"
     l4t = None
@@ -134,12 +204,92 @@ def jetson_facts(root: Path = Path("/")) -> dict | None:
         return None
     jetpack = jetpack_for_l4t(l4t)
     major_minor = ".".join(jetpack.split()[0].split(".")[:2]) if jetpack else None
+    run = run or run_tool
     return {
         "model": model,
         "l4t": l4t,
         "jetpack": jetpack,
         "tensorrt_expected": JETPACK_TENSORRT.get(major_minor) if major_minor else None,
+        "power_mode": parse_nvpmodel_query(run(["nvpmodel", "-q"]) or ""),
+        "clocks": parse_jetson_clocks_show(run(["jetson_clocks", "--show"]) or ""),
     }
+
+
+def run_tool(cmd: list[str], timeout_s: float = 10.0) -> str | None:
+    """stdout of a Jetson tool, or None when it is missing, fails (jetson_clocks needs root on some
+    boards) or hangs."""
+    if shutil.which(cmd[0]) is None:
+        return None
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return proc.stdout if proc.returncode == 0 else None
+
+
+def parse_nvpmodel_query(text: str) -> dict | None:
+    """`nvpmodel -q` -> {"name": "MAXN_SUPER", "id": 2} (id None when not printed); None without a mode."""
+    match = re.search(r"NV Power Mode:\s*(\S+)", text)
+    if not match:
+        return None
+    after = text[match.end():].split()
+    return {"name": match.group(1), "id": int(after[0]) if after and after[0].isdigit() else None}
+
+
+_FREQS = re.compile(r"MinFreq=(\d+)\s+MaxFreq=(\d+)\s+CurrentFreq=(\d+)")
+
+
+def parse_jetson_clocks_show(text: str) -> dict | None:
+    """`jetson_clocks --show` -> {"locked": bool, "unlocked": [what is not pinned]}: locked means every
+    online CPU and the GPU run at MinFreq == MaxFreq and the memory clock is overridden (FreqOverride=1),
+    which is what `sudo jetson_clocks` sets. None when the text has no clock lines (not run, no root)."""
+    unlocked, seen = [], 0
+    for line in text.splitlines():
+        line = line.strip()
+        freqs = _FREQS.search(line)
+        name = line.split(":", 1)[0] if line.startswith("cpu") else line.split(" ", 1)[0]
+        if line.startswith("cpu") and freqs:
+            seen += 1
+            if "Online=0" not in line and freqs.group(1) != freqs.group(2):
+                unlocked.append(name)
+        elif line.startswith("GPU") and freqs:
+            seen += 1
+            if freqs.group(1) != freqs.group(2):
+                unlocked.append("GPU")
+        elif line.startswith("EMC") and "FreqOverride=" in line:
+            seen += 1
+            if "FreqOverride=1" not in line:
+                unlocked.append("EMC")
+    if not seen:
+        return None
+    cpus = [u for u in unlocked if u.startswith("cpu")]
+    summary = ([f"{len(cpus)} CPU cores"] if cpus else []) + [u for u in unlocked if not u.startswith("cpu")]
+    return {"locked": not unlocked, "unlocked": summary}
+
+
+def clock_warning(jetson: dict | None) -> str | None:
+    """The line to print next to Jetson measurements when the clocks are not locked (or unknown)."""
+    if not jetson:
+        return None
+    clocks = jetson.get("clocks")
+    if clocks is None:
+        return ("clocks: unknown (`jetson_clocks --show` printed nothing; run as root): latency may vary "
+                "with DVFS; lock them with `sudo jetson_clocks`")
+    if not clocks["locked"]:
+        return (f"clocks are not locked ({', '.join(clocks['unlocked'])} scale with load): latency and power "
+                "vary run to run; lock them with `sudo jetson_clocks` before measuring")
+    return None
+
+
+def jetson_summary(jetson: dict) -> str:
+    """One line: model, JetPack/L4T, power mode, clocks."""
+    mode = jetson.get("power_mode") or {}
+    clocks = jetson.get("clocks")
+    parts = [jetson.get("model") or "Jetson",
+             f"JetPack {jetson.get('jetpack') or '?'} (L4T {jetson.get('l4t') or '?'})",
+             f"power mode {mode.get('name', '?')}" + (f" ({mode['id']})" if mode.get("id") is not None else ""),
+             "clocks " + ("unknown" if clocks is None else "locked" if clocks["locked"] else "not locked")]
+    return ", ".join(parts)
 
 
 def cpu_model(cpuinfo: str) -> str | None:
@@ -152,7 +302,10 @@ def cpu_model(cpuinfo: str) -> str | None:
 
 
 def _cuda_facts() -> dict | None:
-    """Name and compute capability of CUDA device 0 via torch, when torch sees a GPU."""
+    """Name and compute capability of CUDA device 0: from the CUDA runtime (cuda-python), else torch."""
+    facts = cuda_device_facts(0)
+    if facts is not None:
+        return facts
     try:
         import torch
     except ImportError:
@@ -177,7 +330,8 @@ def host_facts() -> dict:
         "machine": platform.machine(),
         "os": platform.platform(),
         "python": platform.python_version(),
-        "versions": {name: _version(name) for name in ("edgecv", "torch", "onnxruntime", "onnx", "tensorrt")},
+        "versions": {name: _version(name) for name in ("edgecv", "torch", "onnxruntime", "onnx", "tensorrt",
+                                                       "cuda-python", "cuda-bindings")},
         "cuda": _cuda_facts(),
         "jetson": jetson_facts(),
     }

@@ -1,11 +1,14 @@
 """Model files as the device-side commands see them: an edgecv checkpoint (.pt), an ONNX file, or a
 TensorRT engine. What shape of input each takes, which backend runs it by default, which dataset was
-recorded with it, and a `Subject` to measure. torch is imported only for a .pt file."""
+recorded with it, its validation batches, and a `Subject` to measure. torch is imported only for a .pt
+file (and for a dataset that only torch can read); TensorRT only for an engine."""
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,10 +67,9 @@ def model_input_shape(path: Path) -> tuple[int, int, int]:
             raise EdgecvError(f"{str(path)!r}: expected an NCHW input with fixed C, H, W; got {dims}")
         return (dims[1], dims[2], dims[3])
     if suffix in ENGINE_SUFFIXES:
-        from edgecv.export.tensorrt import read_metadata
+        from edgecv.export.tensorrt import engine_input_chw
 
-        shape = list(read_metadata(path).input_shape_opt)
-        return (shape[1], shape[2], shape[3])
+        return engine_input_chw(path)  # its metadata, else the engine itself (an engine built by trtexec)
     raise EdgecvError(f"{str(path)!r}: unknown model file type {suffix!r} (expected .pt, .onnx or .engine)")
 
 
@@ -85,8 +87,15 @@ def file_format(path: Path) -> str:
     return "engine"
 
 
-def subject_for(path: Path, backend: str, device: str, threads: int | None) -> Subject:
-    """A Subject that loads `path` with `backend` when measured (torch runs edgecv checkpoints only)."""
+def subject_for(path: Path, backend: str, device: str, threads: int | None,
+                batch_sizes: Sequence[int] = ()) -> Subject:
+    """A Subject that loads `path` with `backend` when measured (torch runs edgecv checkpoints only;
+    tensorrt runs an engine, or builds one from an ONNX file first, for `batch_sizes`)."""
+    if backend == "tensorrt" and path.suffix.lower() == ".onnx":
+        engine = engine_for_onnx(path, batch_sizes)
+        return Subject(model=str(engine), runner=None, format="engine", size_bytes=engine.stat().st_size,
+                       note=f"built from {path.name}",
+                       load=lambda: create_runner("tensorrt", engine, device=device, threads=threads))
     if backend == "torch" and path.suffix.lower() not in CHECKPOINT_SUFFIXES:
         raise EdgecvError(f"{str(path)!r}: the torch backend runs edgecv checkpoints (.pt), not {path.suffix}")
 
@@ -112,3 +121,66 @@ def stored_data_section(path: Path) -> dict[str, Any] | None:
         except ValueError:
             raise EdgecvError(f"{meta}: not valid JSON") from None
     return None
+
+
+def stored_engine_options(path: Path) -> dict:
+    """The engine options recorded with an ONNX file (the recipe's `export.engine`, in metadata.json)."""
+    meta = path.parent / "metadata.json"
+    if not meta.exists():
+        return {}
+    try:
+        return json.loads(meta.read_text()).get("engine") or {}
+    except ValueError:
+        raise EdgecvError(f"{meta}: not valid JSON") from None
+
+
+def engine_for_onnx(onnx_path: Path, batch_sizes: Sequence[int] = ()) -> Path:
+    """The TensorRT engine for an ONNX file, built here (or reused) next to it with the engine options
+    recorded with the file; its profile covers `batch_sizes` and the recorded validation batch."""
+    from edgecv.console import console
+    from edgecv.export.tensorrt import BuildOptions, build_engine, engine_path_for, engine_profile
+
+    stored = stored_engine_options(onnx_path)
+    data = stored_data_section(onnx_path) or {}
+    sizes = list(batch_sizes) or list(stored.get("batch_sizes") or [1, 8])
+    build = BuildOptions(
+        precision=stored.get("precision", "auto"),
+        batches=engine_profile(sizes, data.get("eval_batch_size", 256)),
+        workspace_mb=int(stored.get("workspace_mb", 1024)),
+        timing_cache=stored.get("timing_cache"),
+        dla_core=stored.get("dla_core"),
+    )
+    engine = engine_path_for(onnx_path)
+    build_engine(onnx_path, engine, build, echo=console.print)
+    return engine
+
+
+def data_config(path: Path, recipe: str | None) -> Any:
+    """The `data` section to evaluate a model file on: the recipe's, else the one stored with the model."""
+    from edgecv.config import load_raw, resolve_recipe_path, validate_section
+    from edgecv.data.config import DataConfig
+
+    if recipe:
+        source = resolve_recipe_path(recipe)
+        return validate_section(DataConfig, load_raw(source).get("data"), str(source), prefix="data")
+    stored = stored_data_section(path)
+    if stored is None:
+        raise EdgecvError(f"{str(path)!r}: no dataset recorded with this model; pass --recipe RECIPE")
+    return validate_section(DataConfig, stored, str(path), prefix="data")
+
+
+def validation_batches(path: Path, recipe: str | None, data_root: str | None,
+                       limit: int | None) -> Iterable[tuple[Any, Any]]:
+    """The validation split for a model file, as (images, labels) batches: read with numpy where that gives
+    the torch path's values exactly (ImageFolder; Fashion-MNIST at its native 28 px) or where torch is
+    missing, else with the training code's torch loaders (synthetic data, resized Fashion-MNIST)."""
+    from edgecv.data.numpy_val import numpy_val, reads_like_torch
+
+    cfg = data_config(path, recipe)
+    if limit:
+        cfg = cfg.model_copy(update={"limit_val": limit})
+    if reads_like_torch(cfg) or importlib.util.find_spec("torch") is None:
+        return numpy_val(cfg, data_root)
+    from edgecv.data.datasets import build_data
+
+    return build_data(cfg, data_root).val

@@ -18,7 +18,7 @@ from edgecv.compress.quantize import is_quantized
 from edgecv.console import console, make_progress
 from edgecv.data.datasets import DataBundle
 from edgecv.data.loaders import LimitedLoader
-from edgecv.device import host_facts, is_cuda
+from edgecv.device import clock_warning, host_facts, is_cuda
 from edgecv.models.complexity import count_macs_params
 from edgecv.models.spec import ModelSpec
 from edgecv.recipe import Recipe
@@ -77,7 +77,8 @@ def _torch_subjects(stages: list[StageModel], recipe: Recipe, device: str) -> li
         m = s.metrics
         reuse = recipe.bench.eval_limit is None and "accuracy_backend" not in m and {"top1", "top5"} <= set(m)
         out.append(Subject(
-            model=str(s.path), runner=None, load=_torch_loader(s.path, device, recipe.bench.threads), format="torch", stage=s.name, params=s.params, macs=s.macs, size_bytes=s.path.stat().st_size,
+            model=str(s.path), runner=None, load=_torch_loader(s.path, device, recipe.bench.threads),
+            format="torch", stage=s.name, params=s.params, macs=s.macs, size_bytes=s.path.stat().st_size,
             accuracy={"top1": m["top1"], "top5": m["top5"]} if reuse else None, deployable=ok, note=note,
         ))  # fmt: skip
     return out
@@ -106,8 +107,8 @@ def _export_subjects(run_dir: Path, stages: list[StageModel], recipe: Recipe, de
     out = []
     for name, info in files.items():
         backend = EXPORT_BACKENDS.get(info["format"])
-        if backend not in recipe.bench.backends:
-            continue
+        if backend not in recipe.bench.backends or (info.get("derived_from") and info.get("target") != backend):
+            continue  # an INT8 copy for another target (model.int8.tensorrt.onnx) is measured by its own runtime
         quantized = info["format"] == "onnx-int8" or (info["format"] == "engine" and "model.int8.onnx" in files)
         stage = int8_stage if quantized else float_stage
         path = run_dir / "export" / name
@@ -121,7 +122,10 @@ def _export_subjects(run_dir: Path, stages: list[StageModel], recipe: Recipe, de
 
 
 def _sections(manifest: dict, files: dict, recipe: Recipe) -> ReportSections:
-    s = ReportSections(device=host_facts())
+    facts = host_facts()
+    if warning := clock_warning(facts.get("jetson")):  # a Jetson with unlocked clocks: say it in the report
+        facts["warning"] = warning
+    s = ReportSections(device=facts)
     b = recipe.bench
     s.settings = {"batch_sizes": list(b.batch_sizes), "warmup": b.warmup, "runs": b.runs, "rounds": b.rounds,
                   "threads": b.threads, "method": "blocks"}

@@ -286,12 +286,14 @@ def test_jetson_facts_from_fixture_files(tmp_path):
     (tmp_path / "proc" / "device-tree" / "model").write_bytes(
         b"NVIDIA Jetson Orin Nano Engineering Reference Developer Kit Super\x00"
     )
-    facts = jetson_facts(tmp_path)
+    facts = jetson_facts(tmp_path, run=lambda cmd: None)  # nvpmodel / jetson_clocks: tests/test_jetson.py
     assert facts == {
         "model": "NVIDIA Jetson Orin Nano Engineering Reference Developer Kit Super",
         "l4t": "36.4.3",
         "jetpack": "6.2",
         "tensorrt_expected": "10.3",
+        "power_mode": None,
+        "clocks": None,
     }
     assert jetson_facts(tmp_path / "nothing") is None
 

@@ -181,8 +181,8 @@ def _load_runners(subjects, input_shape, batch_size: int, with_memory: bool) -> 
             continue
         own = getattr(s.runner, "memory_mb", None)
         value = own(batch) if own is not None else None
-        if value is None and not str(s.runner.describe().get("device", "cpu")).startswith("cuda"):
-            value = cpu_mb
+        if value is None and str(s.runner.describe().get("device", "cpu")) == "cpu":
+            value = cpu_mb  # only a CPU runner's memory is the process's resident set
         if value is not None:
             out[i] = value
     return out

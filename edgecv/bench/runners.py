@@ -1,4 +1,4 @@
-"""Runners: one small protocol that turns a float32 NCHW batch into logits, one registry entry per backend.
+"""Runners: one small protocol that turns an NCHW batch into float32 logits, one registry entry per backend.
 
 `onnxruntime`, `tensorrt` and cuda-python are imported only inside the runner that needs them, so
 `import edgecv.bench` works on a machine that lacks them.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.metadata
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -199,72 +200,117 @@ class OnnxRuntimeRunner:
 # ------------------------------------------------------------------------------------------ tensorrt
 def _cudart() -> Any:
     """cuda-python's runtime module: `cuda.bindings.runtime` (cuda-python >= 12.6), else `cuda.cudart`."""
-    try:
-        from cuda.bindings import runtime as cudart
-    except ImportError:
-        try:
-            from cuda import cudart
-        except ImportError:
-            raise EdgecvError(
-                "backend 'tensorrt' needs cuda-python: pip install 'edgecv[tensorrt]'"
-            ) from None
-    return cudart
+    from edgecv.device import cuda_runtime
+
+    runtime = cuda_runtime()
+    if runtime is None:
+        raise EdgecvError(
+            "backend 'tensorrt' needs cuda-python matching this device's CUDA major version "
+            "(tools/jetson_setup.sh installs it; elsewhere pip install 'edgecv[tensorrt]')"
+        )
+    return runtime
 
 
 def _check_cuda(result: Any, what: str) -> Any:
     """cuda-python calls return (err, *values); raise on an error, return the value(s)."""
     err, *values = result if isinstance(result, tuple) else (result,)
     if int(err) != 0:
-        raise EdgecvError(f"CUDA error in {what}: {err}")
+        name = getattr(err, "name", None) or str(err)
+        raise EdgecvError(f"CUDA error in {what}: {name} ({int(err)})")
     if not values:
         return None
     return values[0] if len(values) == 1 else tuple(values)
 
 
+def native_handle(obj: Any) -> int:
+    """The address behind a cuda-python handle (a stream): `get_cuda_native_handle` where cuda-bindings has
+    it (12.9+, 13: `int(handle)` is deprecated there), else int()."""
+    if isinstance(obj, int):
+        return obj
+    try:
+        from cuda.bindings.utils import get_cuda_native_handle
+    except ImportError:
+        return int(obj)
+    return int(get_cuda_native_handle(obj))
+
+
+def free_cuda_memory(cudart: Any) -> int | None:
+    """Free device memory in bytes (cudaMemGetInfo), None when it cannot be read."""
+    try:
+        err, free, _total = cudart.cudaMemGetInfo()
+    except (RuntimeError, OSError):
+        return None
+    return int(free) if int(err) == 0 else None
+
+
+def cuda_memory_mb(free_before: int | None, free_after: int | None) -> float | None:
+    """Device memory taken between two cudaMemGetInfo readings, in MiB; None when either reading is
+    missing or memory was freed meanwhile (another process: the difference measures nothing)."""
+    if free_before is None or free_after is None or free_after > free_before:
+        return None
+    return (free_before - free_after) / 2**20
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Rows start:stop of a batch, padded with `pad` zero rows up to the engine's smallest batch."""
+
+    start: int
+    stop: int
+    pad: int = 0
+
+
+def plan_chunks(n: int, min_batch: int, max_batch: int) -> list[Chunk]:
+    """Split a batch of n images into calls the engine can run: at most `max_batch` each, and a remainder
+    below `min_batch` padded (its extra outputs are dropped)."""
+    if min_batch < 1 or max_batch < min_batch:
+        raise EdgecvError(f"engine batch range {min_batch}..{max_batch} is not valid")
+    chunks = []
+    for start in range(0, n, max_batch):
+        stop = min(n, start + max_batch)
+        chunks.append(Chunk(start, stop, max(0, min_batch - (stop - start))))
+    return chunks
+
+
+def engine_batches(batch: np.ndarray, dtype: str, min_batch: int, max_batch: int) -> list[tuple[np.ndarray, int]]:
+    """A batch as the engine takes it: in the engine's input dtype, split into calls its profile allows;
+    (contiguous array, rows of its output to keep) per call."""
+    x = np.ascontiguousarray(_as_input(batch), dtype=np.dtype(dtype))
+    parts = []
+    for chunk in plan_chunks(len(x), min_batch, max_batch):
+        part = x[chunk.start : chunk.stop]
+        if chunk.pad:
+            part = np.concatenate([part, np.zeros((chunk.pad, *part.shape[1:]), dtype=part.dtype)])
+        parts.append((np.ascontiguousarray(part), chunk.stop - chunk.start))
+    return parts
+
+
 class TensorRTRunner:
-    """A deserialised TensorRT engine; one input, one output, device buffers grown on demand."""
+    """A deserialised TensorRT engine: one input, one output, device buffers grown on demand. Any batch
+    runs (split into calls the optimization profile allows); inputs are sent in the engine's own dtype."""
 
     backend = "tensorrt"
 
     def __init__(self, model: Any, *, device: str = "cuda", threads: int | None = None) -> None:
+        from edgecv.device import device_index
         from edgecv.export import tensorrt as trt_export
 
         path = _model_file(model, self.backend, ENGINE_SUFFIXES, "a TensorRT engine")
         meta = trt_export.read_metadata(path) if trt_export.metadata_path(path).is_file() else None
         self.current = trt_export.current_device_facts()
-        if meta is not None:
-            # Before TensorRT even loads: a mismatch gets one clear line, not a deserialization crash.
+        if meta is not None:  # before TensorRT loads it: a mismatch gets one clear line, not a crash
             trt_export.check_compatible(meta, self.current, path)
-        try:
-            import tensorrt as trt
-        except ImportError:
-            raise EdgecvError(
-                "backend 'tensorrt' needs TensorRT's Python bindings (JetPack's python3-libnvinfer, "
-                "or pip install 'edgecv[tensorrt]'); see tools/jetson_setup.sh"
-            ) from None
+        trt_export._import_tensorrt()  # no metadata (trtexec built it): TensorRT's own check applies
         cudart = _cudart()
-        self.meta = meta
-        self._trt, self._cudart = trt, cudart
-        self.logger = trt.Logger(trt.Logger.WARNING)
-        self.runtime = trt.Runtime(self.logger)
-        self.engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
-        if self.engine is None:
-            raise EdgecvError(
-                f"{path}: TensorRT {trt.__version__} cannot deserialize this engine "
-                "(built with another TensorRT version or GPU? rebuild it on this device)"
-            )
-        self.context = self.engine.create_execution_context()
-        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        outputs = [n for n in names if n not in inputs]
-        if len(inputs) != 1 or len(outputs) != 1:
-            raise EdgecvError(f"{path}: expected one input and one output, found {inputs} and {outputs}")
-        self.input_name, self.output_name = inputs[0], outputs[0]
-        self.output_dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(self.output_name)))
-        self.stream = _check_cuda(cudart.cudaStreamCreate(), "cudaStreamCreate")
+        self.meta, self._cudart, self.path, self.device = meta, cudart, path, device
         self._buffers: dict[str, tuple[int, int]] = {}  # name -> (device pointer, bytes)
-        self.path = path
-        self.device = device
+        _check_cuda(cudart.cudaSetDevice(device_index(device)), "cudaSetDevice")
+        self._free_at_start = free_cuda_memory(cudart)
+        self._trt, self.runtime, self.engine = trt_export.deserialize(path)
+        self.io = trt_export.engine_io(self._trt, self.engine, path)
+        self.min_batch, self.max_batch = trt_export.batch_limits(self.io)
+        self.context = self.engine.create_execution_context()
+        self.stream = _check_cuda(cudart.cudaStreamCreate(), "cudaStreamCreate")
 
     def _buffer(self, name: str, nbytes: int) -> int:
         ptr, size = self._buffers.get(name, (0, 0))
@@ -276,36 +322,52 @@ class TensorRTRunner:
             self.context.set_tensor_address(name, ptr)
         return ptr
 
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        """One engine call on a batch inside the profile."""
         cudart = self._cudart
-        x = _as_input(batch)
-        if not self.context.set_input_shape(self.input_name, x.shape):
-            raise EdgecvError(
-                f"{self.path}: input shape {x.shape} is outside the engine's optimization profile"
-            )
-        out_shape = tuple(self.context.get_tensor_shape(self.output_name))
-        out = np.empty(out_shape, dtype=self.output_dtype)
-        d_in = self._buffer(self.input_name, x.nbytes)
-        d_out = self._buffer(self.output_name, out.nbytes)
+        if not self.context.set_input_shape(self.io.input_name, x.shape):
+            raise EdgecvError(f"{self.path}: input shape {x.shape} is outside the engine's optimization profile")
+        out = np.empty(tuple(self.context.get_tensor_shape(self.io.output_name)), dtype=self.io.output_dtype)
+        d_in = self._buffer(self.io.input_name, x.nbytes)
+        d_out = self._buffer(self.io.output_name, out.nbytes)
         h2d = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
         d2h = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
         _check_cuda(cudart.cudaMemcpyAsync(d_in, x.ctypes.data, x.nbytes, h2d, self.stream), "H2D copy")
-        if not self.context.execute_async_v3(int(self.stream)):
+        if not self.context.execute_async_v3(native_handle(self.stream)):
             raise EdgecvError(f"{self.path}: TensorRT execute_async_v3 failed")
         _check_cuda(cudart.cudaMemcpyAsync(out.ctypes.data, d_out, out.nbytes, d2h, self.stream), "D2H copy")
         _check_cuda(cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
-        return out.astype(np.float32, copy=False)
+        return out
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        outputs = [self._run(part)[:keep] for part, keep in
+                   engine_batches(batch, self.io.input_dtype, self.min_batch, self.max_batch)]
+        return np.concatenate(outputs).astype(np.float32, copy=False)
+
+    def memory_mb(self, batch: np.ndarray) -> float | None:
+        """Device memory the engine, its context and its buffers for `batch` take: free memory
+        (cudaMemGetInfo) before the engine was loaded minus free memory now; None when not measurable."""
+        self(batch)
+        return cuda_memory_mb(self._free_at_start, free_cuda_memory(self._cudart))
 
     def describe(self) -> dict:
+        from edgecv.export.tensorrt import engine_device_memory
+
+        memory = engine_device_memory(self.engine)
         return {
             "backend": self.backend,
-            "device": self.current.get("device_name"),
+            "device": self.current.get("device_name") or self.device,
             "threads": None,
-            "versions": {"tensorrt": self._trt.__version__, "cuda-python": _version("cuda-python")},
+            "versions": {"tensorrt": self._trt.__version__, "cuda-python": _version("cuda-python"),
+                         "cuda-bindings": _version("cuda-bindings")},
             "providers": [],
             "file": str(self.path),
             "compute_capability": self.current.get("compute_capability"),
             "precision": self.meta.precision if self.meta else None,
+            "built_precision": self.meta.built_precision if self.meta else None,
+            "input_dtype": self.io.input_dtype,
+            "batch_range": [self.min_batch, self.max_batch],
+            "engine_device_memory_mb": None if memory is None else round(memory / 2**20, 1),
         }
 
     def __del__(self) -> None:

@@ -1,9 +1,12 @@
-"""Parse trtexec's "Performance summary" so users can compare edgecv's numbers with NVIDIA's tool."""
+"""Parse trtexec's "Performance summary" so users can compare edgecv's numbers with NVIDIA's tool: a saved
+trtexec log becomes a row of edgecv's bench table (`edgecv bench --trtexec-log LOG`)."""
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
+from edgecv.bench.measure import BatchResult, BenchRow
 from edgecv.errors import EdgecvError
 
 _UNIT_TO_MS = {"ms": 1.0, "us": 1e-3, "s": 1e3}
@@ -17,6 +20,11 @@ _STAT_LINES = {
 }
 _STAT = re.compile(r"(min|max|mean|median|percentile\((\d+(?:\.\d+)?)%\))\s*=\s*([-+0-9.eE]+)\s*(ms|us|s)\b")
 _THROUGHPUT = re.compile(r"Throughput:\s*([0-9.eE+-]+)\s*qps")
+# TensorRT 10: "Input binding for x with dimensions 1x3x224x224 is created."; 8.x: "Created input binding for
+# x with dimensions 8x3x224x224"
+_INPUT_BINDING = re.compile(r"[Ii]nput binding for \S+ with dimensions (\d+)x[\dx]+")
+_QUERIES = re.compile(r"Timing trace has (\d+) queries over")
+_DEVICE = re.compile(r"Selected Device:\s*(.+?)\s*$", re.MULTILINE)
 _TOTALS = {
     "total_host_walltime_s": re.compile(r"Total Host Walltime:\s*([0-9.eE+-]+)\s*s\b"),
     "total_gpu_compute_s": re.compile(r"Total GPU Compute Time:\s*([0-9.eE+-]+)\s*s\b"),
@@ -64,4 +72,42 @@ def parse_trtexec_output(text: str) -> dict:
         found = pattern.findall(text)
         if found:
             result[key] = float(found[-1])
+    for key, pattern, kind in (("batch_size", _INPUT_BINDING, int), ("queries", _QUERIES, int),
+                               ("device", _DEVICE, str)):
+        found = pattern.findall(text)
+        if found:
+            result[key] = kind(found[-1])
     return result
+
+
+def trtexec_row(text: str, name: str = "trtexec") -> BenchRow:
+    """A saved trtexec log as a row of edgecv's bench table: host latency median / p90 / p99 per query
+    (one query is one batch), throughput in images/s (queries/s x batch), and GPU compute time in the note."""
+    parsed = parse_trtexec_output(text)
+    batch = parsed.get("batch_size", 1)
+    latency = parsed["latency"]
+    result = BatchResult(
+        batch_size=batch, p50_ms=latency["median"], p90_ms=latency.get("p90"), p99_ms=latency.get("p99"),
+        mean_ms=latency.get("mean"), min_ms=latency.get("min"),
+        throughput_ips=parsed["throughput_qps"] * batch, runs=parsed.get("queries", 0),
+    )  # type: ignore[arg-type]  # None: not printed by this trtexec (shown as "-")
+    gpu = parsed.get("gpu_compute", {})
+    note = "trtexec: host latency (H2D + compute + D2H)"
+    if gpu:
+        note += (f"; GPU compute median {gpu.get('median', float('nan')):.3f} ms, "
+                 f"p99 {gpu.get('p99', float('nan')):.3f} ms")
+    return BenchRow(model=name, stage=None, format="engine", backend="trtexec",
+                    device=parsed.get("device", "trtexec"), latency=[result], note=note)
+
+
+def trtexec_log_row(path: str | Path) -> BenchRow:
+    """trtexec_row of a log file, named after it; one clear line when it cannot be read."""
+    path = Path(path)
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as exc:
+        raise EdgecvError(f"--trtexec-log {str(path)!r}: cannot read it ({exc.strerror or exc})") from None
+    try:
+        return trtexec_row(text, name=path.name)
+    except EdgecvError as exc:
+        raise EdgecvError(f"--trtexec-log {str(path)!r}: {exc}") from None

@@ -7,14 +7,19 @@ import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from edgecv.data.config import DataConfig, option
-from edgecv.data.loaders import LimitedLoader, TensorLoader
 from edgecv.errors import EdgecvError
 from edgecv.registry import Registry
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported inside the functions that use it: the device-side commands import this package
+# (dataset names, Fashion-MNIST files) on machines without torch.
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -49,6 +54,8 @@ class DataBundle:
         return (self.channels, self.image_size, self.image_size)
 
     def example_input(self, batch: int = 1) -> torch.Tensor:
+        import torch
+
         return torch.zeros(batch, *self.input_shape)
 
     def calibration_batches(self, n: int) -> list[torch.Tensor]:
@@ -60,6 +67,8 @@ class DataBundle:
         return out
 
     def val_samples(self, n: int) -> torch.Tensor:
+        import torch
+
         xs, seen = [], 0
         for x, _ in self.val:
             xs.append(x)
@@ -162,6 +171,8 @@ def _subset(images: torch.Tensor, labels: torch.Tensor, limit: int | None):
 
 @dataset("fashion-mnist")
 def fashion_mnist(cfg: DataConfig, root: str | None, seed: int = 0, rank: int = 0, world_size: int = 1) -> DataBundle:
+    import torch
+
     folder = find_fashion_mnist(root)
     arrays = {}
     for split, (img_f, lbl_f) in FASHION_MNIST_FILES.items():
@@ -178,6 +189,8 @@ def fashion_mnist(cfg: DataConfig, root: str | None, seed: int = 0, rank: int = 
 
 
 def _tensor_bundle(name, cfg, arrays, mean, std, seed, rank, world_size, class_names, source="") -> DataBundle:
+    from edgecv.data.loaders import TensorLoader
+
     tr_x, tr_y = _subset(*arrays["train"], cfg.limit_train)
     va_x, va_y = _subset(*arrays["val"], cfg.limit_val)
     train = TensorLoader(tr_x, tr_y, cfg.batch_size, mean, std, shuffle=True, augment=cfg.augment,
@@ -194,6 +207,8 @@ def _tensor_bundle(name, cfg, arrays, mean, std, seed, rank, world_size, class_n
 def synthetic_arrays(num_classes: int, channels: int, size: int, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Deterministic images: each class is a smooth random template; samples add noise and a shift.
     Learnable in a few epochs, so tests can check that training improves accuracy."""
+    import torch
+
     g = torch.Generator().manual_seed(1234)  # templates are the same for train and val
     low = torch.rand(num_classes, channels, 3, 3, generator=g).round()  # high-contrast 3x3 patterns
     templates = torch.nn.functional.interpolate(low, size=size, mode="bilinear", align_corners=False)
@@ -242,6 +257,7 @@ def imagenet_transforms(image_size: int, train: bool):
 @dataset("imagefolder", options=("workers",))
 def imagefolder(cfg: DataConfig, root: str | None, seed: int = 0, rank: int = 0, world_size: int = 1) -> DataBundle:
     """ImageNet layout: `root/train/<class>/*.JPEG`, `root/val/<class>/*.JPEG`."""
+    import torch
     from torch.utils.data import DataLoader, Subset
     from torch.utils.data.distributed import DistributedSampler
     from torchvision.datasets import ImageFolder
@@ -282,4 +298,4 @@ def imagefolder(cfg: DataConfig, root: str | None, seed: int = 0, rank: int = 0,
                       IMAGENET_MEAN, IMAGENET_STD)
 
 
-__all__ = ["DATASETS", "DataBundle", "LimitedLoader", "build_data", "synthetic_arrays"]
+__all__ = ["DATASETS", "DataBundle", "build_data", "synthetic_arrays"]  # LimitedLoader: edgecv.data.loaders (torch)

@@ -1,15 +1,25 @@
 """The `export` stage: ONNX files (float and INT8 Q/DQ), each checked against torch, plus `metadata.json`
-describing them; optionally a TensorRT engine (on a machine with TensorRT)."""
+describing them; optionally a TensorRT engine (on a machine with TensorRT).
+
+INT8 files say which target they are for. `model.int8.onnx` is for the quantization stage's target; when a
+run asks for an engine (`tensorrt: true`) or lists other targets (`int8_targets`), the same calibrated or
+trained model is rebuilt for each other target with the same ranges and written as
+`model.int8.<target>.onnx` (e.g. `model.int8.tensorrt.onnx`, symmetric INT8 Q/DQ as TensorRT wants it).
+Each entry of metadata.json's `files` carries its `target`; the `engine` section records the engine options,
+so that an engine built later on the device (`edgecv bench model.int8.tensorrt.onnx --backend tensorrt`)
+gets the same ones.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import ClassVar
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import nn
 
-from edgecv.compress.quantize import is_quantized, quant_spec
+from edgecv.compress.quantize import PROFILES, float_structure, is_quantized, quant_spec
+from edgecv.config import Strict, registry_choice
 from edgecv.console import console
 from edgecv.errors import EdgecvError
 from edgecv.io import write_json
@@ -18,12 +28,36 @@ from edgecv.stages.base import StageConfig, StageContext, stage
 METADATA = "metadata.json"
 
 
+class EngineConfig(Strict):
+    """How a TensorRT engine is built; its optimization profile covers the recipe's bench batch sizes and
+    data.eval_batch_size."""
+
+    precision: str = Field("auto", description="auto (int8 for an INT8 model, else fp16) | fp32 | fp16 | int8")
+    workspace_mb: int = Field(1024, ge=1, description="TensorRT builder workspace")
+    timing_cache: str | None = Field(None, description="timing cache file, reused and updated across builds")
+    dla_core: int | None = Field(None, ge=0, description="build for this DLA core, GPU fallback (AGX Orin, Xavier)")
+
+    @field_validator("precision")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from edgecv.export.tensorrt import REQUESTS
+
+        if v not in REQUESTS:
+            raise ValueError(f"precision {v!r}: choose from {', '.join(REQUESTS)}")
+        return v
+
+
 class ExportConfig(StageConfig):
     stage: ClassVar[str] = "export"
     opset: int = Field(17, ge=13, le=21)
     dynamic_batch: bool = True
     parity_samples: int = Field(512, ge=1)
     tensorrt: bool = Field(False, description="also build a TensorRT engine (needs TensorRT on this machine)")
+    int8_targets: list[registry_choice(lambda: PROFILES)] = Field(  # type: ignore[valid-type]
+        default_factory=list,
+        description="INT8 files for these targets too (model.int8.<target>.onnx), from the same ranges",
+    )
+    engine: EngineConfig = Field(default_factory=EngineConfig)
 
 
 def _export_checked(model: nn.Module, path: Path, cfg: ExportConfig, ctx: StageContext, samples, int8: bool) -> dict:
@@ -36,11 +70,12 @@ def _export_checked(model: nn.Module, path: Path, cfg: ExportConfig, ctx: StageC
     return {"format": "onnx-int8" if int8 else "onnx", "size_bytes": model_size_bytes(path), "parity": parity}
 
 
-def _int8_file(model: nn.Module, out: Path, cfg: ExportConfig, ctx: StageContext, samples) -> dict:
+def _int8_file(model: nn.Module, out: Path, cfg: ExportConfig, ctx: StageContext, samples,
+               name: str = "model.int8.onnx") -> dict:
     from edgecv.export.inspect import inspect_onnx
 
     target = quant_spec(model).target
-    path = out / "model.int8.onnx"
+    path = out / name
     info = _export_checked(model, path, cfg, ctx, samples, int8=True)
     report = inspect_onnx(path, target)
     console.print(
@@ -49,6 +84,43 @@ def _int8_file(model: nn.Module, out: Path, cfg: ExportConfig, ctx: StageContext
         + (f", {len(report['violations'])} rule violations" if report.get("violations") else "")
     )
     return {**info, "target": target, "inspect": report}
+
+
+def int8_targets(model: nn.Module, cfg: ExportConfig) -> list[str]:
+    """The targets other than the model's own that get an INT8 file: `int8_targets`, and tensorrt when an
+    engine is asked for."""
+    own = quant_spec(model).target
+    wanted = [*cfg.int8_targets, *(["tensorrt"] if cfg.tensorrt else [])]
+    return [t for t in dict.fromkeys(wanted) if t != own]
+
+
+def int8_file_name(target: str, own_target: str) -> str:
+    """`model.int8.onnx` for the quantization stage's target, `model.int8.<target>.onnx` for the others."""
+    return "model.int8.onnx" if target == own_target else f"model.int8.{target}.onnx"
+
+
+def retargeted(model: nn.Module, target: str, spec) -> nn.Module:
+    """`model` (fake-quant, any target) rebuilt for `target` with the same weights and ranges."""
+    from edgecv.checkpoint import Checkpoint, build_from_header
+    from edgecv.compress.quantize.retarget import retarget
+
+    twin = build_from_header(Checkpoint(spec=spec, shapes=float_structure(model)))
+    return retarget(model, target, twin, spec.example_input())
+
+
+def _retargeted_file(model: nn.Module, target: str, out: Path, cfg: ExportConfig, ctx: StageContext,
+                     samples) -> dict:
+    """model.int8.<target>.onnx: the model rebuilt for `target`, exported, checked against its torch form,
+    and compared (top-1 agreement) with the recipe target's model on the parity samples."""
+    import torch
+
+    qmodel = retargeted(model, target, ctx.spec)
+    info = _int8_file(qmodel, out, cfg, ctx, samples, int8_file_name(target, quant_spec(model).target))
+    with torch.no_grad():
+        same = (model.eval()(samples).argmax(1) == qmodel.eval()(samples).argmax(1)).float().mean().item()
+    console.print(f"INT8 for {target} from the {quant_spec(model).target} ranges: top-1 agreement with it "
+                  f"{100 * same:.2f}% on {len(samples)} validation images")
+    return {**info, "derived_from": "model.int8.onnx", "agreement_with_source": round(same, 4)}
 
 
 @stage(ExportConfig, "ONNX (float and INT8 Q/DQ) with parity checks; optional TensorRT engine")
@@ -65,8 +137,11 @@ def export_stage(model: nn.Module, cfg: ExportConfig, ctx: StageContext) -> nn.M
         files["model.onnx"] = _export_checked(float_model, out / "model.onnx", cfg, ctx, samples, int8=False)
     if quantized:
         files["model.int8.onnx"] = _int8_file(model, out, cfg, ctx, samples)
+        for target in int8_targets(model, cfg):
+            name = int8_file_name(target, quant_spec(model).target)
+            files[name] = _retargeted_file(model, target, out, cfg, ctx, samples)
     if cfg.tensorrt:
-        files["model.engine"] = _engine(out, files, ctx)
+        files["model.engine"] = _engine(out, files, cfg, ctx)
     write_json(out / METADATA, {
         "input_name": "input",
         "output_name": "logits",
@@ -76,9 +151,12 @@ def export_stage(model: nn.Module, cfg: ExportConfig, ctx: StageContext) -> nn.M
         "data": ctx.recipe.data.model_dump(mode="json"),
         "model": ctx.spec.to_dict(),
         "files": files,
+        "engine": {**cfg.engine.model_dump(mode="json"), "batch_sizes": list(ctx.recipe.bench.batch_sizes)},
     })  # fmt: skip
     ctx.metrics.update(files={k: {kk: vv for kk, vv in v.items() if kk != "inspect"} for k, v in files.items()})
     for name, info in files.items():
+        if info["format"] == "engine":
+            continue
         p = info.get("parity") or {}
         what = (f"top-1 agreement {100 * p.get('top1_agreement', 0):.2f}%" if "int8" in name
                 else f"max |diff| {p.get('max_abs_diff', 0):.2e}")
@@ -86,14 +164,56 @@ def export_stage(model: nn.Module, cfg: ExportConfig, ctx: StageContext) -> nn.M
     return model
 
 
-def _engine(out: Path, files: dict, ctx: StageContext) -> dict:
+def engine_source(files: dict) -> str:
+    """The ONNX file an engine is built from: the TensorRT-target INT8 file, else the float one."""
+    for name in ("model.int8.tensorrt.onnx", "model.int8.onnx"):
+        if name in files and files[name].get("target") == "tensorrt":
+            return name
+    if "model.onnx" in files:
+        return "model.onnx"
+    raise EdgecvError("export.tensorrt: no TensorRT-target INT8 file and no float ONNX file to build an engine from")
+
+
+def build_options(engine_cfg: EngineConfig, batch_sizes, eval_batch_size: int):
+    """The engine build options of the recipe: its engine section, a profile covering the bench batch sizes
+    and the validation batch (what edgecv itself runs on the engine)."""
+    from edgecv.export.tensorrt import BuildOptions, engine_profile
+
+    return BuildOptions(precision=engine_cfg.precision, batches=engine_profile(batch_sizes, eval_batch_size),
+                        workspace_mb=engine_cfg.workspace_mb, timing_cache=engine_cfg.timing_cache,
+                        dla_core=engine_cfg.dla_core)
+
+
+def _engine(out: Path, files: dict, cfg: ExportConfig, ctx: StageContext) -> dict:
     from edgecv.export.tensorrt import build_engine
 
-    source = out / ("model.int8.onnx" if "model.int8.onnx" in files else "model.onnx")
-    largest = max(ctx.recipe.bench.batch_sizes)
-    meta = build_engine(source, out / "model.engine", precision="int8" if "int8" in source.name else "fp16",
-                        min_batch=1, opt_batch=largest, max_batch=largest)
-    return {"format": "engine", "metadata": meta}
+    source = engine_source(files)
+    build = build_options(cfg.engine, ctx.recipe.bench.batch_sizes, ctx.recipe.data.eval_batch_size)
+    meta = build_engine(out / source, out / "model.engine", build, echo=console.print)
+    return {"format": "engine", "source": source, "target": files[source].get("target"),
+            "size_bytes": (out / "model.engine").stat().st_size, "metadata": meta.to_dict()}
+
+
+def engine_for_checkpoint(net: nn.Module, header, onnx_path: Path, samples, opset: int = 17,
+                          batch_sizes=(1, 8)) -> Path:
+    """`edgecv export --tensorrt`: an engine for a checkpoint exported to `onnx_path`. INT8 comes from a
+    TensorRT-target graph (written beside as `<name>.tensorrt.onnx`, same ranges, when the checkpoint was
+    quantized for another runtime), FP16 from the float graph; the profile covers `batch_sizes` and the
+    validation batch recorded with the checkpoint."""
+    from edgecv.export.onnx import check_parity, export_onnx
+    from edgecv.export.tensorrt import build_engine, engine_path_for
+
+    source = Path(onnx_path)
+    if is_quantized(net) and quant_spec(net).target != "tensorrt":
+        qmodel = retargeted(net, "tensorrt", header.spec)
+        source = source.with_name(f"{source.stem}.tensorrt.onnx")
+        export_onnx(qmodel, source, header.spec.example_input(), opset=opset)
+        _require_parity(source, check_parity(qmodel, source, samples, int8=True), int8=True)
+        console.print(f"wrote {source} (INT8 for TensorRT, from the {quant_spec(net).target} ranges)")
+    eval_batch = (header.meta.get("data") or {}).get("eval_batch_size", 256)
+    engine = engine_path_for(source)
+    build_engine(source, engine, build_options(EngineConfig(), batch_sizes, eval_batch), echo=console.print)
+    return engine
 
 
 def _require_parity(path: Path, parity: dict, int8: bool) -> None:
