@@ -1,9 +1,13 @@
 """The one measurement API: models x runners -> `BenchRow`s. `edgecv bench` and the compress report both
 call `measure`, so their rows have the same keys and were measured the same way.
 
-A row is one model on one backend: what it is (stage, format, params, MACs, size), where it ran, its
-accuracy, memory, and per batch size its latency percentiles, throughput and (on a Jetson) energy.
-None means "not measured" and renders as "-".
+A row is one model on one backend: what it is (stage, format, params, MACs, size, what input it takes),
+where it ran, its accuracy, memory, and per batch size its latency percentiles, throughput and (on a
+Jetson) energy. None means "not measured" and renders as "-".
+
+Latency, memory and energy are measured end to end from a uint8 camera frame (N x H x W x C) by default:
+a model that takes frames gets them as they are, a float-input model is charged the numpy preprocessing it
+needs (to float, / 255, - mean, / std, HWC -> CHW), so rows compare what a deployment pays per frame.
 """
 
 from __future__ import annotations
@@ -15,10 +19,11 @@ from typing import Any
 import numpy as np
 
 from edgecv.bench.accuracy import evaluate
-from edgecv.bench.latency import LatencyStats, benchmark_blocks, synthetic_batch
+from edgecv.bench.latency import LatencyStats, benchmark_blocks, input_batch
 from edgecv.bench.memory import peak_memory_mb
-from edgecv.bench.runners import Runner
+from edgecv.bench.runners import Runner, input_kind
 from edgecv.errors import EdgecvError
+from edgecv.export.frames import UINT8_NHWC, Normalization
 
 
 @dataclass
@@ -62,6 +67,7 @@ class BenchRow:
     latency: list[BatchResult] = field(default_factory=list)
     deployable: bool = True
     note: str | None = None
+    input: str = "float-nchw"  # what the model takes: "float-nchw" tensors or "uint8-nhwc" camera frames
 
     def at(self, batch_size: int) -> BatchResult | None:
         return next((b for b in self.latency if b.batch_size == batch_size), None)
@@ -88,6 +94,9 @@ class Subject:
     accuracy: dict | None = None  # {"top1", "top5"} measured elsewhere on the same data (kept as is)
     deployable: bool = True
     note: str | None = None
+    # How frames are preprocessed for a float-input model (its data's mean/std); None: unknown, timed with
+    # neutral values (the numpy work costs the same). A frame-input model ignores it.
+    normalization: Normalization | None = None
 
 
 @dataclass(frozen=True)
@@ -100,6 +109,34 @@ class BenchSettings:
     memory: bool = True
     power: bool = False
     power_interval_ms: int = 50
+    frames: bool = True  # time from uint8 frames (float-input models pay their preprocessing); else tensors
+
+
+class Preprocessed:
+    """A float-input runner called with uint8 NHWC frames: numpy preprocessing, then the runner. Timing
+    this is what a deployment of a float-input model pays per frame."""
+
+    def __init__(self, runner: Runner, normalization: Normalization) -> None:
+        self.runner = runner
+        self.backend = runner.backend  # block order: torch runners last
+        self.normalization = normalization
+        own = getattr(runner, "memory_mb", None)
+        if own is not None:  # the runner measures its own memory (GPU): on the preprocessed batch
+            self.memory_mb = lambda frames: own(normalization.preprocess(frames))
+
+    def __call__(self, frames: np.ndarray) -> np.ndarray:
+        return self.runner(self.normalization.preprocess(frames))
+
+    def describe(self) -> dict:
+        return self.runner.describe()
+
+
+def timed_call(subject: Subject, input_shape: tuple[int, int, int], frames: bool) -> Runner:
+    """What a timed call runs for `subject`: its runner, behind the numpy preprocessing when the calls get
+    frames and the model takes float tensors."""
+    if not frames or input_kind(subject.runner) == UINT8_NHWC:
+        return subject.runner
+    return Preprocessed(subject.runner, subject.normalization or Normalization.neutral(input_shape[0]))
 
 
 Progress = Callable[[str, int], Callable[[int], None]]  # (label, total) -> advance(n)
@@ -119,17 +156,19 @@ def measure(
         raise EdgecvError("nothing to measure")
     sizes = sorted({int(b) for b in settings.batch_sizes})
     accuracy = _accuracies(subjects, settings, val_batches, progress)
-    memory = _memories(subjects, input_shape, sizes[-1]) if settings.memory else {}
-    energy = _energies(subjects, input_shape, sizes, settings) if settings.power else {}
-    runners = {str(i): s.runner for i, s in enumerate(subjects)}
+    calls = [timed_call(s, input_shape, settings.frames) for s in subjects]
+    memory = _memories(calls, input_shape, sizes[-1], settings.frames) if settings.memory else {}
+    energy = _energies(calls, input_shape, sizes, settings) if settings.power else {}
+    runners = {str(i): call for i, call in enumerate(calls)}
     total = len(runners) * len(sizes) * settings.runs * settings.rounds
     advance = progress("latency (blocks)", total) if progress else None
     latency = benchmark_blocks(runners, input_shape, sizes, settings.warmup, settings.runs, settings.rounds,
-                               advance)
+                               advance, frames=settings.frames)
     rows = []
     for i, s in enumerate(subjects):
         describe = s.runner.describe()
         acc = accuracy.get(i) or {}
+        kind = input_kind(s.runner)
         rows.append(BenchRow(
             model=s.model, stage=s.stage, format=s.format, backend=s.runner.backend,
             device=str(describe.get("device") or "cpu"),
@@ -137,7 +176,8 @@ def measure(
             params=s.params, macs=s.macs, size_bytes=s.size_bytes,
             memory_mb=_round(memory.get(i), 1),
             latency=[BatchResult.from_stats(latency[str(i)][b], energy.get(i, {}).get(b)) for b in sizes],
-            deployable=s.deployable, note=s.note,
+            deployable=s.deployable, input=kind,
+            note=s.note or ("takes uint8 NHWC frames" if kind == UINT8_NHWC else None),
         ))  # fmt: skip
     return rows
 
@@ -157,34 +197,31 @@ def _accuracies(subjects, settings, val_batches, progress) -> dict[int, dict]:
     return out
 
 
-def _memories(subjects, input_shape, batch_size: int) -> dict[int, float]:
-    """Peak memory each runner adds while it runs the largest batch once (after a warm-up call): the
+def _memories(calls, input_shape, batch_size: int, frames: bool) -> dict[int, float]:
+    """Peak memory each call adds while it runs the largest batch once (after a warm-up call): the
     runner's own `memory_mb(batch)` where it has one (GPU backends), else the process's resident-set growth
     on the CPU. A runner on a GPU without `memory_mb` is not measured (shown as "-"), never a made-up 0."""
-    batch = np.zeros((batch_size, *input_shape), dtype=np.float32)
+    batch = input_batch(input_shape, batch_size, frames)
     out = {}
-    for i, s in enumerate(subjects):
-        s.runner(batch)
-        own = getattr(s.runner, "memory_mb", None)
-        if own is not None:
-            value = own(batch)
-        elif str(s.runner.describe().get("device", "cpu")).startswith("cuda"):
-            value = None
-        else:
-            value = peak_memory_mb(lambda r=s.runner: r(batch), device="cpu")
+    for i, call in enumerate(calls):
+        call(batch)
+        own = getattr(call, "memory_mb", None)
+        value = own(batch) if own is not None else None
+        if own is None and not str(call.describe().get("device", "cpu")).startswith("cuda"):
+            value = peak_memory_mb(lambda c=call: c(batch), device="cpu")
         if value is not None:
             out[i] = value
     return out
 
 
-def _energies(subjects, input_shape, sizes, settings) -> dict[int, dict[int, dict]]:
+def _energies(calls, input_shape, sizes, settings) -> dict[int, dict[int, dict]]:
     """Per subject and batch size: energy per image from tegrastats sampled during a timed block."""
     from edgecv.bench.power import TegrastatsSampler, measure_energy
 
     if not TegrastatsSampler.available():
         raise EdgecvError("--power: tegrastats was not found (power is measured on NVIDIA Jetson boards)")
     return {
-        i: {b: measure_energy(s.runner, synthetic_batch(input_shape, b), settings.warmup, max(settings.runs, 200),
-                              interval_ms=settings.power_interval_ms) for b in sizes}
-        for i, s in enumerate(subjects)
+        i: {b: measure_energy(call, input_batch(input_shape, b, settings.frames), settings.warmup,
+                              max(settings.runs, 200), interval_ms=settings.power_interval_ms) for b in sizes}
+        for i, call in enumerate(calls)
     }

@@ -1,5 +1,9 @@
 """Runners: one small protocol that turns a float32 NCHW batch into logits, one registry entry per backend.
 
+A runner whose model takes camera frames (`input_kind` "uint8-nhwc": an ONNX file or engine made by
+`export --input uint8-nhwc`) is called with uint8 N x H x W x C frames; given a normalized float NCHW
+batch (a validation loader's), it turns it back into frames with the normalization the file records.
+
 `onnxruntime`, `tensorrt` and cuda-python are imported only inside the runner that needs them, so
 `import edgecv.bench` works on a machine that lacks them.
 """
@@ -15,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import numpy as np
 
 from edgecv.errors import EdgecvError
+from edgecv.export.frames import FLOAT_NCHW, UINT8_NHWC, Normalization, normalization_in
 from edgecv.registry import Registry
 
 if TYPE_CHECKING:
@@ -28,7 +33,8 @@ class Runner(Protocol):
     backend: str
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        """float32 NCHW batch in, float32 logits (N, classes) out."""
+        """float32 NCHW batch in (or, when `input_kind` is "uint8-nhwc", uint8 NHWC frames), float32
+        logits (N, classes) out."""
         ...
 
     def describe(self) -> dict:
@@ -80,11 +86,32 @@ def _as_input(batch: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(batch, dtype=np.float32)
 
 
+def input_kind(runner: object) -> str:
+    """What `runner`'s model takes: "float-nchw" (normalized tensors) or "uint8-nhwc" (camera frames)."""
+    return getattr(runner, "input_kind", FLOAT_NCHW)
+
+
+def _as_frames(batch: Any, channels: int, normalization: Normalization | None, where: object) -> np.ndarray:
+    """uint8 N x H x W x C frames for a frame-input model: frames pass as they are; a normalized float NCHW
+    batch is turned back into frames with the model's normalization."""
+    if getattr(batch, "dtype", None) == np.uint8:
+        if batch.ndim != 4 or batch.shape[3] != channels:
+            raise EdgecvError(f"{where}: frames must be uint8 N x H x W x {channels}, got shape {tuple(batch.shape)}")
+        return np.ascontiguousarray(batch)
+    if normalization is None:
+        raise EdgecvError(
+            f"{where}: the model takes uint8 NHWC frames and records no normalization to turn a normalized "
+            "float batch into frames; feed it frames"
+        )
+    return normalization.to_frames(np.asarray(batch))
+
+
 # --------------------------------------------------------------------------------------------- torch
 class TorchRunner:
     """An nn.Module in eval mode under inference_mode; on CUDA the output copy synchronises."""
 
     backend = "torch"
+    input_kind = FLOAT_NCHW
 
     def __init__(self, model: Any, *, device: str = "cpu", threads: int | None = None) -> None:
         import torch
@@ -170,12 +197,18 @@ class OnnxRuntimeRunner:
         if len(inputs) != 1:
             raise EdgecvError(f"{path}: expected one image input, the model has {len(inputs)}")
         self.input_name = inputs[0].name
+        self.input_kind = UINT8_NHWC if inputs[0].type == "tensor(uint8)" else FLOAT_NCHW
+        self.normalization = normalization_in(self.session.get_modelmeta().custom_metadata_map, path)
+        self._channels = inputs[0].shape[-1]
         self.path = path
         self.device = device
         self.threads = threads
         self._ort = ort
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
+        if self.input_kind == UINT8_NHWC:
+            return self.session.run(None, {self.input_name: _as_frames(batch, self._channels, self.normalization,
+                                                                       self.path)})[0]
         return self.session.run(None, {self.input_name: _as_input(batch)})[0]
 
     def describe(self) -> dict:
@@ -254,6 +287,10 @@ class TensorRTRunner:
             raise EdgecvError(f"{path}: expected one input and one output, found {inputs} and {outputs}")
         self.input_name, self.output_name = inputs[0], outputs[0]
         self.output_dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(self.output_name)))
+        frames = self.engine.get_tensor_dtype(self.input_name) == trt.DataType.UINT8
+        self.input_kind = UINT8_NHWC if frames else FLOAT_NCHW
+        self.normalization: Normalization | None = None  # set by whoever knows it (model_files: the ONNX file)
+        self._channels = int(self.engine.get_tensor_shape(self.input_name)[-1])
         self.stream = _check_cuda(cudart.cudaStreamCreate(), "cudaStreamCreate")
         self._buffers: dict[str, tuple[int, int]] = {}  # name -> (device pointer, bytes)
         self.path = path
@@ -271,7 +308,10 @@ class TensorRTRunner:
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         cudart = self._cudart
-        x = _as_input(batch)
+        if self.input_kind == UINT8_NHWC:
+            x = _as_frames(batch, self._channels, self.normalization, self.path)
+        else:
+            x = _as_input(batch)
         if not self.context.set_input_shape(self.input_name, x.shape):
             raise EdgecvError(
                 f"{self.path}: input shape {x.shape} is outside the engine's optimization profile"
