@@ -575,3 +575,10 @@ def test_compress_with_frame_input_writes_checked_twins_and_reports_them(tmp_pat
     assert inputs["model.int8.frames.onnx"] == UINT8_NHWC and inputs["model.int8.onnx"] == FLOAT_NCHW
     markdown = (tmp_path / "runs" / "frames" / "report.md").read_text()
     assert "ptq/onnx-int8 (frames)" in markdown and "takes uint8 NHWC frames" in markdown
+    # the device-side commands read the frame file like any other: accuracy through the same runner
+    row = next(r for r in report["rows"] if Path(r["model"]).name == "model.int8.frames.onnx")
+    proc = run_cli("eval", str(export / "model.int8.frames.onnx"), "--json", str(tmp_path / "eval.json"))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "eval.json").read_text())["top1"] == pytest.approx(row["top1"], abs=1e-3)
+    proc = run_cli("inspect", str(export / "model.int8.frames.onnx"), "--json", str(tmp_path / "inspect.json"))
+    assert proc.returncode == 0 and json.loads((tmp_path / "inspect.json").read_text())["float_ops"] == []
