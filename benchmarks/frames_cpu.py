@@ -72,7 +72,7 @@ def build_files(name: str, size: int, tmp: Path) -> tuple[Path, Path, dict]:
     apply_calibrator(qmodel, collect_stats(qmodel, [x[:8], x[8:]]), "max")
     float_input = export_onnx(qmodel, tmp / f"{name}.int8.onnx", x[:1])
     frame_file = tmp / f"{name}.int8.frames.onnx"
-    plan = export_frame_onnx(float_input, frame_file, IMAGENET)
+    plan = export_frame_onnx(float_input, frame_file, IMAGENET, qmodel)
     return float_input, frame_file, {**plan.to_dict(), "ort_prologue": ort_prologue(frame_file)}
 
 

@@ -214,7 +214,7 @@ def _export_frames(net, spec, dest: Path, opset: int, quantized: bool) -> dict:
     norm = Normalization.of(spec)  # before exporting: a model without a normalization gets one clear line
     with tempfile.TemporaryDirectory(prefix="edgecv-export-") as tmp:
         source = export_onnx(net, Path(tmp) / "float-input.onnx", spec.example_input(), opset=opset)
-        export_frame_onnx(source, dest, norm)
+        export_frame_onnx(source, dest, norm, net)
     c, h, w = spec.input_shape
     frames = np.random.default_rng(0).integers(0, 256, (64, h, w, c), dtype=np.uint8)
     return check_frame_parity(net, dest, frames, norm, int8=quantized)

@@ -217,8 +217,10 @@ def check_first_layer(float_input: Path, frame_file: Path, norm: Normalization, 
         np.testing.assert_allclose(y_frame, y_ref, atol=1e-4 * np.abs(y_ref).max())
         return
     # (b) the float-input file rounds its normalized input; the frame file re-quantized the folded weights
+    # both files round the same float weights once, each to its own grid: half a step of each apart
     weight_err = np.abs(unfolded - ref.weight)
-    assert (weight_err / (255.0 * std) <= got.weight_scale[:, None, None, None] * (0.5 + 1e-5)).all()
+    steps = got.weight_scale[:, None, None, None] * 255.0 * std + ref.weight_scale[:, None, None, None]
+    assert (weight_err <= steps * (0.5 + 1e-5)).all()
     bound = (ref.input_scale / 2 * np.abs(ref.weight).sum((1, 2, 3)) + np.abs(x).max() * weight_err.sum((1, 2, 3))
              + per_out + (got.weight_scale / 2 if target == "onnxruntime" else 0))
     excess = np.abs(y_frame - y_ref) - bound[None, :, None, None] - eps
@@ -263,7 +265,7 @@ def test_every_family_takes_frames(name, target, tmp_path):
     frames = synthetic_frames((3, 64, 64), 8, seed=1)
     source, model = exported(family_model(name), target, IMAGENET, frames, tmp_path)
     dest = tmp_path / "frames.onnx"
-    plan = export_frame_onnx(source, dest, IMAGENET)
+    plan = export_frame_onnx(source, dest, IMAGENET, model)
     check_first_layer(source, dest, IMAGENET, frames, target)
     expected = ort_session(source).run(None, {"input": IMAGENET.preprocess(frames)})[0]
     got = ort_session(dest).run(None, {"input": frames})[0]
@@ -289,9 +291,9 @@ def test_onnxruntime_graph_reads_the_frame_into_qlinearconv(norm, tmp_path):
     channel, so the frame is first padded with the mean pixel); the only Transpose left is after the
     global pool, on C numbers per image. At EXTENDED (no layout transformer) the input Transpose remains."""
     frames = synthetic_frames((3, 64, 64), 16, seed=1)
-    source, _ = exported(family_model("resnet18"), "onnxruntime", norm, frames, tmp_path)
+    source, qmodel = exported(family_model("resnet18"), "onnxruntime", norm, frames, tmp_path)
     dest = tmp_path / "frames.onnx"
-    plan = export_frame_onnx(source, dest, norm)
+    plan = export_frame_onnx(source, dest, norm, qmodel)
     explicit = norm is IMAGENET
     assert plan.padding == ("explicit" if explicit else "zero point")
     assert plan.zero_point == (114 if explicit else 128)
@@ -336,6 +338,27 @@ def test_first_layer_that_is_not_a_convolution_is_refused(tmp_path):
         fold_frame_input(onnx.load(str(frame_file)), IMAGENET)
 
 
+def test_folding_from_float_weights_rounds_once_and_checks_they_are_the_graphs(tmp_path):
+    """With the torch model, the folded weights are re-quantized from its float weights (one rounding);
+    weights that are not the first conv's are refused."""
+    from edgecv.export.frames import first_conv_float_weight
+
+    frames = synthetic_frames((3, 64, 64), 8, seed=1)
+    source, qmodel = exported(family_model("resnet18"), "onnxruntime", IMAGENET, frames, tmp_path)
+    weight = first_conv_float_weight(qmodel)
+    assert weight.shape == ConvParams(source).weight.shape == (64, 3, 7, 7)
+    assert first_conv_float_weight(family_model("resnet18")) is None  # a float model's ONNX weights are float
+    export_frame_onnx(source, tmp_path / "once.onnx", IMAGENET, qmodel)
+    std = np.asarray(IMAGENET.std)[None, :, None, None]
+    once = ConvParams(tmp_path / "once.onnx")
+    assert (np.abs(once.weight - weight / (255 * std)) <= once.weight_scale[:, None, None, None] * (0.5 + 1e-5)).all()
+    proto = onnx.load(str(source))
+    with pytest.raises(EdgecvError, match="not the first convolution's"):
+        fold_frame_input(proto, IMAGENET, weight * 1.1)
+    with pytest.raises(EdgecvError, match="do not match the first convolution's"):
+        fold_frame_input(proto, IMAGENET, weight[:, :1])
+
+
 # ---- real images: Fashion-MNIST ---------------------------------------------------------------------------
 
 needs_fashion_mnist = pytest.mark.skipif(not FASHION_MNIST_DIR.exists(), reason="Fashion-MNIST is not installed")
@@ -353,33 +376,49 @@ def fashion_mnist_frames(split: str, n: int) -> tuple[np.ndarray, np.ndarray]:
 
 def tinted(frames: np.ndarray) -> np.ndarray:
     """Grey frames as RGB with a different mean per channel, so ImageNet normalization pads explicitly."""
-    return np.clip(np.rint(frames.astype(np.float64) * np.array([1.0, 0.8, 0.6])), 0, 255).astype(np.uint8)
+    return np.clip(np.rint(frames * np.array([1.0, 0.8, 0.6])), 0, 255).astype(np.uint8)
 
 
 def trained_resnet8(frames: np.ndarray, labels: np.ndarray, norm: Normalization) -> torch.nn.Module:
-    """A ResNet-8 trained for two short epochs: confident enough that top-1 is not a coin toss."""
-    torch.manual_seed(0)
-    model = build_model("edgecv:resnet8", num_classes=10, in_channels=frames.shape[3], image_size=28)
-    x, y = torch.from_numpy(norm.preprocess(frames)), torch.from_numpy(labels)
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    model.train()
-    for _ in range(2):
-        for i in range(0, len(x), 128):
-            optimizer.zero_grad()
-            F.cross_entropy(model(x[i : i + 128]), y[i : i + 128]).backward()
-            optimizer.step()
+    """A ResNet-8 trained for two short epochs (about 75 % top-1), with weight decay so that no weight
+    grows along a direction the data never shows. Two threads, whatever the suite set before: the same
+    net on every run of this machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(0)
+        model = build_model("edgecv:resnet8", num_classes=10, in_channels=frames.shape[3], image_size=28)
+        x, y = torch.from_numpy(norm.preprocess(frames)), torch.from_numpy(labels)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.05)
+        model.train()
+        for _ in range(2):
+            for i in range(0, len(x), 128):
+                optimizer.zero_grad()
+                F.cross_entropy(model(x[i : i + 128]), y[i : i + 128]).backward()
+                optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
     return model.eval()
+
+
+def decisive(reference: np.ndarray, noise_of: np.ndarray) -> np.ndarray:
+    """Images whose top-1 margin in `reference` exceeds 4x the RMS logit difference between `reference`
+    and `noise_of` (the float model: INT8's own noise). Near ties there flip under any rounding."""
+    sigma = float(np.sqrt(np.mean((reference - noise_of) ** 2)))
+    top2 = np.sort(reference, axis=1)[:, -2:]
+    return (top2[:, 1] - top2[:, 0]) > 4 * sigma
 
 
 @needs_fashion_mnist
 @pytest.mark.parametrize("rgb", [False, True], ids=["grey-zero-point-pad", "rgb-imagenet-explicit-pad"])
 def test_frame_model_agrees_with_float_input_int8_on_fashion_mnist(rgb, tmp_path):
     """2,000 real validation images. Grey (one channel, padding through the zero point): the frame model and
-    the float-input INT8 model differ only by the input rounding, top-1 agreement >= 99 %. RGB with ImageNet
-    normalization (explicit padding, folded weights re-quantized): the two INT8 models round the first layer
-    differently, and on this briefly trained net (about 78 % top-1, many near ties) each flips 1-2 % of the
-    near ties of the other, so the test asks instead that the frame model be at least as close to the float
-    model as the float-input INT8 model is (measured: 98.2 % vs 97.8 % agreement, 31.6 vs 27.0 dB)."""
+    the float-input INT8 model differ only by the input rounding: top-1 agreement >= 99 % (measured 99.4-
+    99.6 %). RGB with ImageNet normalization (explicit padding, folded weights re-quantized from the float
+    ones): the two INT8 models round the first layer differently and on this briefly trained net (about
+    73 % top-1) flip 1-2 % of each other's near ties, so the test asks for >= 99 % on the images that are
+    not near ties and that the frame model be at least as close to the float model as the float-input
+    INT8 model is (measured: 31.7 vs 27.2 dB, 32.9 vs 32.0 dB with one and two training threads)."""
     norm = IMAGENET if rgb else FASHION_MNIST
     train, train_labels = fashion_mnist_frames("train", 6000)
     val, val_labels = fashion_mnist_frames("val", 2000)
@@ -388,7 +427,7 @@ def test_frame_model_agrees_with_float_input_int8_on_fashion_mnist(rgb, tmp_path
     model = trained_resnet8(train, train_labels, norm)
     source, qmodel = exported(model, "onnxruntime", norm, train[:512], tmp_path)
     dest = tmp_path / "frames.onnx"
-    plan = export_frame_onnx(source, dest, norm)
+    plan = export_frame_onnx(source, dest, norm, qmodel)
     assert plan.padding == ("explicit" if rgb else "zero point") and plan.border_error_levels < 0.5
     if not rgb:  # one channel: the folded weights are the same int8 numbers, only their scale changes
         assert np.allclose(ConvParams(dest).weight * 255 * norm.std[0], ConvParams(source).weight, rtol=1e-6)
@@ -398,14 +437,15 @@ def test_frame_model_agrees_with_float_input_int8_on_fashion_mnist(rgb, tmp_path
     int8 = create_runner("onnxruntime", source, threads=1)(norm.preprocess(val))
     got = create_runner("onnxruntime", dest, threads=1)(val)
 
-    def agree(a, b):
-        return float(np.mean(a.argmax(1) == b.argmax(1)))
+    def agree(a, b, where=slice(None)):
+        return float(np.mean(a[where].argmax(1) == b[where].argmax(1)))
 
+    clear = decisive(int8, float_logits)
+    assert clear.mean() >= 0.6 and agree(got, int8, clear) >= 0.99
     accuracy, int8_accuracy = float(np.mean(got.argmax(1) == val_labels)), float(np.mean(int8.argmax(1) == val_labels))
-    assert accuracy >= 0.70 and abs(accuracy - int8_accuracy) <= 0.01
+    assert accuracy >= 0.6 and abs(accuracy - int8_accuracy) <= 0.01
     if rgb:
         assert agree(got, int8) >= 0.97
-        assert agree(got, float_logits) >= agree(int8, float_logits) - 0.005
         assert sqnr_db(float_logits, got) >= sqnr_db(float_logits, int8) - 1.0
     else:
         assert agree(got, int8) >= 0.99 and sqnr_db(int8, got) >= 30
@@ -424,7 +464,7 @@ def frame_files(tmp_path_factory) -> dict:
     frames = synthetic_frames((3, 16, 16), 32, seed=3)
     source, qmodel = exported(model, "onnxruntime", UNIFORM, frames, tmp)
     dest = tmp / "model.int8.frames.onnx"
-    export_frame_onnx(source, dest, UNIFORM)
+    export_frame_onnx(source, dest, UNIFORM, qmodel)
     return {"float-input": source, "frames": dest, "model": qmodel}
 
 

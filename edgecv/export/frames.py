@@ -244,9 +244,15 @@ class FramePlan:
         return dict(self.__dict__)
 
 
-def fold_frame_input(proto: onnx.ModelProto, norm: Normalization) -> tuple[onnx.ModelProto, FramePlan]:
+def fold_frame_input(proto: onnx.ModelProto, norm: Normalization, float_weight: np.ndarray | None = None
+                     ) -> tuple[onnx.ModelProto, FramePlan]:
     """A copy of `proto` (float, or INT8 Q/DQ for either target) whose input is a uint8 N x H x W x C frame,
-    with `norm` folded into the first convolution (see the module docstring). The input keeps its name."""
+    with `norm` folded into the first convolution (see the module docstring). The input keeps its name.
+
+    `float_weight`: the first conv's float weights before quantization (`first_conv_float_weight` of the
+    torch model). INT8 graphs then re-quantize the folded weights from them, rounding once; without them the
+    int8 weights are dequantized, folded and rounded again (measured on an RGB net: logit SQNR against the
+    float model 31.0 dB rounding once, 23.9 dB rounding twice, 28.8 dB for the float-input INT8 file)."""
     from onnx import TensorProto, helper
 
     proto = copy.deepcopy(proto)
@@ -268,7 +274,10 @@ def fold_frame_input(proto: onnx.ModelProto, norm: Normalization) -> tuple[onnx.
     group = int(_attr(first.conv, "group", 1))
     channel = _input_channel_of_weight(first.weight, group)
     std = np.asarray(norm.std, dtype=np.float64)
-    weight = first.weight / (255.0 * std[channel])[:, :, None, None]
+    if float_weight is not None:
+        _check_float_weight(first, np.asarray(float_weight, dtype=np.float64))
+    weight = (first.weight if float_weight is None else np.asarray(float_weight, np.float64)) / (
+        255.0 * std[channel])[:, :, None, None]
     frame = helper.make_tensor_value_info(source.name, TensorProto.UINT8, [None, h, w, c])
     frame.type.tensor_type.shape.dim[0].CopyFrom(batch_dim)
     rewrite = _rewrite_int8_onnxruntime if first.quantize is not None and _is_uint8(graph, first.quantize) else (
@@ -283,6 +292,43 @@ def fold_frame_input(proto: onnx.ModelProto, norm: Normalization) -> tuple[onnx.
     for key, value in [*kept, *ours.items()]:
         proto.metadata_props.add(key=key, value=value)
     return proto, plan
+
+
+def _check_float_weight(first: _FirstConv, float_weight: np.ndarray) -> None:
+    """The float weights must be the ones the graph's first conv quantized (within half a step)."""
+    if float_weight.shape != first.weight.shape:
+        raise EdgecvError(f"frame input: float weights of shape {float_weight.shape} do not match the first "
+                          f"convolution's {first.weight.shape}")
+    if first.weight_dq is None:
+        step = 1e-6 * max(float(np.abs(first.weight).max()), 1e-12)
+    else:
+        step = (np.abs(first.weight).reshape(len(first.weight), -1).max(1) / 127.0).reshape(-1, 1, 1, 1)
+    if np.any(np.abs(float_weight - first.weight) > 0.5 * step * (1 + 1e-4) + 1e-12):
+        raise EdgecvError("frame input: the float weights given are not the first convolution's")
+
+
+def first_conv_float_weight(model: Any) -> np.ndarray | None:
+    """The float weights (BatchNorm folded) of the conv a fake-quant torch.fx model applies first to its
+    input, before weight quantization; None for a model that is not one (its ONNX weights are float)."""
+    from torch import fx
+
+    from edgecv.compress.quantize import FakeQuantize, QuantConv2d
+    from edgecv.export.onnx import for_export
+
+    if not isinstance(model, fx.GraphModule):
+        return None
+    model = for_export(model)
+    reached = {n for n in model.graph.nodes if n.op == "placeholder"}
+    for node in model.graph.nodes:
+        if node.op != "call_module" or not node.args or node.args[0] not in reached:
+            continue
+        module = model.get_submodule(node.target)
+        if isinstance(module, QuantConv2d):
+            return module.weight.detach().double().cpu().numpy()
+        if not isinstance(module, FakeQuantize):
+            return None
+        reached.add(node)
+    return None
 
 
 def _is_uint8(graph, quantize) -> bool:
@@ -459,14 +505,16 @@ def _set_int32_bias(graph, conv, bias: np.ndarray, scale: np.ndarray):
 # ---- files, parity, and what ONNX Runtime runs ---------------------------------------------------------
 
 
-def export_frame_onnx(source: Path, dest: Path, norm: Normalization) -> FramePlan:
+def export_frame_onnx(source: Path, dest: Path, norm: Normalization, model: Any = None) -> FramePlan:
     """Write `dest`: the float-input ONNX file `source` with a frame input (see `fold_frame_input`),
-    checked by onnx and written atomically."""
+    checked by onnx and written atomically. `model`: the torch model `source` was exported from, whose
+    float first-conv weights let an INT8 graph round its folded weights once."""
     import onnx
 
     from edgecv.io import atomic_write_bytes
 
-    proto, plan = fold_frame_input(onnx.load(str(source)), norm)
+    float_weight = first_conv_float_weight(model) if model is not None else None
+    proto, plan = fold_frame_input(onnx.load(str(source)), norm, float_weight)
     onnx.checker.check_model(proto)
     atomic_write_bytes(dest, proto.SerializeToString())
     return plan

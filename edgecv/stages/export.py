@@ -124,7 +124,7 @@ def _frame_files(out: Path, files: dict, float_model: nn.Module | None, int8_mod
             continue
         int8 = "int8" in source
         path = out / source.replace(".onnx", ".frames.onnx")
-        plan = export_frame_onnx(out / source, path, norm)
+        plan = export_frame_onnx(out / source, path, norm, model)
         parity = check_frame_parity(model, path, frames, norm, int8=int8)
         if not parity["ok"]:
             path.unlink(missing_ok=True)
