@@ -7,7 +7,8 @@ m_c = 255 * mean_c, conv((p / 255 - mean) / std) = conv'(p - m) where conv' has 
 255 * std_c along the input channels. How the rest is done depends on what runs the graph:
 
 - INT8 for ONNX Runtime: the frame feeds the first conv's DequantizeLinear directly (scale 1, zero point z),
-  the weights are re-quantized per output channel and the int32 bias absorbs sum(W' * (z - m_c)). ONNX
+  the weights are re-quantized per output channel (from the torch model's float weights when it is given,
+  so they are rounded once) and the int32 bias absorbs sum(W' * (z - m_c)). ONNX
   Runtime fuses DequantizeLinear -> Conv -> QuantizeLinear into QLinearConv and its NHWC transformer
   cancels the input Transpose: no Cast, no QuantizeLinear, no Transpose is left. QLinearConv pads with the
   zero point, i.e. with the pixel z; zero padding of the normalized input means the mean pixel m. When every
