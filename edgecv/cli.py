@@ -148,32 +148,63 @@ def export(model: Annotated[Path, typer.Argument(help="edgecv checkpoint (.pt) f
            out: Annotated[Path | None, typer.Option("--out", help="output .onnx file (default: next to MODEL)")] = None,
            opset: Annotated[int, typer.Option(help="ONNX opset (>= 13)")] = 17,
            tensorrt: Annotated[bool, typer.Option(help="also build a TensorRT engine (needs TensorRT)")] = False,
+           input_: Annotated[str, typer.Option("--input", help="float-nchw: normalized float tensors | "
+                             "uint8-nhwc: uint8 camera frames, normalization folded into the first conv")] = "float-nchw",
            debug: DebugOpt = False) -> None:
     """Export a checkpoint to ONNX (Q/DQ INT8 when it was quantized), checked against torch."""
     import torch
 
     from edgecv.checkpoint import model_from_checkpoint
+    from edgecv.export.frames import INPUT_KINDS, UINT8_NHWC
     from edgecv.export.onnx import check_parity, export_onnx, model_size_bytes
     from edgecv.model_files import check_paths, read_checkpoint_once
 
     path = check_paths([model])[0]
     if opset < 13:
         raise EdgecvError(f"--opset {opset}: Q/DQ export needs opset 13 or newer")
+    try:
+        INPUT_KINDS.get(input_)
+    except EdgecvError as exc:
+        raise EdgecvError(f"--input: {exc}") from None
     net, header = model_from_checkpoint(read_checkpoint_once(path), path)
     quantized = header.quant is not None
-    dest = out or path.with_suffix(".int8.onnx" if quantized else ".onnx")
+    frames = input_ == UINT8_NHWC
+    dest = out or path.with_suffix((".int8" if quantized else "") + (".frames" if frames else "") + ".onnx")
     if dest.suffix != ".onnx":
         raise EdgecvError(f"--out {str(dest)!r}: the file name must end in .onnx")
-    export_onnx(net, dest, header.spec.example_input(), opset=opset)
-    samples = torch.randn(64, *header.spec.input_shape, generator=torch.Generator().manual_seed(0))
-    parity = check_parity(net, dest, samples, int8=quantized)
+    if frames:
+        parity = _export_frames(net, header.spec, dest, opset, quantized)
+    else:
+        export_onnx(net, dest, header.spec.example_input(), opset=opset)
+        samples = torch.randn(64, *header.spec.input_shape, generator=torch.Generator().manual_seed(0))
+        parity = check_parity(net, dest, samples, int8=quantized)
     console.print(f"wrote {dest} ({model_size_bytes(dest):,} bytes); parity vs torch: "
                   + (f"top-1 agreement {100 * parity['top1_agreement']:.1f}%" if quantized
-                     else f"max |diff| {parity['max_abs_diff']:.2e}"))
+                     else f"max |diff| {parity['max_abs_diff']:.2e}")
+                  + (f", logit SQNR {parity['sqnr_db']:.1f} dB" if quantized and "sqnr_db" in parity else ""))
     if tensorrt:
         from edgecv.stages.export import engine_for_checkpoint
 
         engine_for_checkpoint(net, header, dest, samples, opset)
+
+
+def _export_frames(net, spec, dest: Path, opset: int, quantized: bool) -> dict:
+    """Export `net` with a uint8 NHWC frame input to `dest` (through a float-input file that is not kept)
+    and compare it with torch on 64 random frames."""
+    import tempfile
+
+    import numpy as np
+
+    from edgecv.export.frames import Normalization, check_frame_parity, export_frame_onnx
+    from edgecv.export.onnx import export_onnx
+
+    norm = Normalization.of(spec)  # before exporting: a model without a normalization gets one clear line
+    with tempfile.TemporaryDirectory(prefix="edgecv-export-") as tmp:
+        source = export_onnx(net, Path(tmp) / "float-input.onnx", spec.example_input(), opset=opset)
+        export_frame_onnx(source, dest, norm, net)
+    c, h, w = spec.input_shape
+    frames = np.random.default_rng(0).integers(0, 256, (64, h, w, c), dtype=np.uint8)
+    return check_frame_parity(net, dest, frames, norm, int8=quantized)
 
 
 def _batch_sizes(text: str) -> tuple[int, ...]:
@@ -198,6 +229,9 @@ def bench(models: Annotated[list[Path] | None, typer.Argument(help="model files 
           accuracy: Annotated[bool, typer.Option(help="measure top-1/top-5 on the validation data")] = True,
           limit: Annotated[int | None, typer.Option(help="accuracy on the first N validation images")] = None,
           power: Annotated[bool, typer.Option(help="sample tegrastats for power and energy (Jetson)")] = False,
+          frames: Annotated[bool, typer.Option("--frames/--tensors", help="time from uint8 camera frames, "
+                            "float-input models paying their numpy preprocessing (default), or from ready "
+                            "float tensors")] = True,
           device: DeviceOpt = "auto", data: DataOpt = None,
           json_out: Annotated[Path | None, typer.Option("--json", help="write results as JSON to this file")] = None,
           trtexec_log: Annotated[list[Path] | None, typer.Option("--trtexec-log", help="a saved trtexec output, shown as a row beside edgecv's (repeatable)")] = None,
@@ -211,7 +245,8 @@ def bench(models: Annotated[list[Path] | None, typer.Argument(help="model files 
     from edgecv.model_files import check_paths
     from edgecv.report.render import bench_table
 
-    settings = BenchSettings(_batch_sizes(batch_sizes), warmup, runs, rounds, accuracy=accuracy, power=power)
+    settings = BenchSettings(_batch_sizes(batch_sizes), warmup, runs, rounds, accuracy=accuracy, power=power,
+                             frames=frames)
     for b in backend or []:
         RUNNERS.get(b)
     if not models and not trtexec_log:

@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from edgecv.bench.measure import Subject
-from edgecv.bench.runners import ENGINE_SUFFIXES, create_runner
+from edgecv.bench.runners import ENGINE_SUFFIXES, create_runner, input_kind
 from edgecv.errors import EdgecvError
+from edgecv.export.frames import UINT8_NHWC, Normalization, normalization_in
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth")
 
@@ -40,7 +41,8 @@ def read_checkpoint_once(path: Path) -> dict:
     return _checkpoint_at(path.resolve(), path.stat().st_mtime_ns)
 
 
-def _onnx_input_dims(path: Path) -> list[int]:
+def _onnx_input(path: Path):
+    """The image input (a ValueInfoProto) of an ONNX file."""
     import onnx
 
     try:
@@ -51,7 +53,13 @@ def _onnx_input_dims(path: Path) -> list[int]:
     inputs = [i for i in m.graph.input if i.name not in initializers]
     if not inputs:
         raise EdgecvError(f"{str(path)!r}: the ONNX graph has no input")
-    return [d.dim_value for d in inputs[0].type.tensor_type.shape.dim]
+    return inputs[0]
+
+
+def _takes_frames(value_info) -> bool:
+    from onnx import TensorProto
+
+    return value_info.type.tensor_type.elem_type == TensorProto.UINT8
 
 
 def model_input_shape(path: Path) -> tuple[int, int, int]:
@@ -62,10 +70,13 @@ def model_input_shape(path: Path) -> tuple[int, int, int]:
 
         return checkpoint_header(read_checkpoint_once(path), path).spec.input_shape
     if suffix == ".onnx":
-        dims = _onnx_input_dims(path)
+        value_info = _onnx_input(path)
+        dims = [d.dim_value for d in value_info.type.tensor_type.shape.dim]
+        frames = _takes_frames(value_info)  # uint8 N x H x W x C camera frames (export --input uint8-nhwc)
         if len(dims) != 4 or not all(dims[1:]):
-            raise EdgecvError(f"{str(path)!r}: expected an NCHW input with fixed C, H, W; got {dims}")
-        return (dims[1], dims[2], dims[3])
+            layout = "NHWC" if frames else "NCHW"
+            raise EdgecvError(f"{str(path)!r}: expected an {layout} input with fixed C, H, W; got {dims}")
+        return (dims[3], dims[1], dims[2]) if frames else (dims[1], dims[2], dims[3])
     if suffix in ENGINE_SUFFIXES:
         from edgecv.export.tensorrt import engine_input_chw
 
@@ -99,39 +110,62 @@ def subject_for(path: Path, backend: str, device: str, threads: int | None,
     if backend == "torch" and path.suffix.lower() not in CHECKPOINT_SUFFIXES:
         raise EdgecvError(f"{str(path)!r}: the torch backend runs edgecv checkpoints (.pt), not {path.suffix}")
 
+    normalization = stored_normalization(path)
+
     def load():
         if backend == "torch":
             from edgecv.checkpoint import model_from_checkpoint
 
             model = model_from_checkpoint(read_checkpoint_once(path), path)[0]
             return create_runner("torch", model, device=device, threads=threads)
-        return create_runner(backend, path, device=device, threads=threads)
+        runner = create_runner(backend, path, device=device, threads=threads)
+        if input_kind(runner) == UINT8_NHWC and getattr(runner, "normalization", None) is None:
+            runner.normalization = normalization  # an engine records none: the export's metadata.json does
+        return runner
 
-    return Subject(model=str(path), runner=None, format=file_format(path), size_bytes=path.stat().st_size, load=load)
+    return Subject(model=str(path), runner=None, format=file_format(path), size_bytes=path.stat().st_size,
+                   normalization=normalization, load=load)
+
+
+def stored_normalization(path: Path) -> Normalization | None:
+    """The input normalization recorded with a model: in a checkpoint's spec, in a frame-input ONNX file,
+    or in the metadata.json beside an export. None when nothing records it."""
+    if path.suffix.lower() in CHECKPOINT_SUFFIXES:
+        spec = read_checkpoint_once(path).get("model") or {}
+    else:
+        if path.suffix.lower() == ".onnx":
+            import onnx
+
+            props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+            found = normalization_in(props, path)
+            if found is not None:
+                return found
+        spec = _export_metadata(path).get("model") or {}
+    if not spec.get("mean") or not spec.get("std"):
+        return None
+    return Normalization(tuple(spec["mean"]), tuple(spec["std"]))
+
+
+def _export_metadata(path: Path) -> dict:
+    meta = path.parent / "metadata.json"
+    if not meta.exists():
+        return {}
+    try:
+        return json.loads(meta.read_text())
+    except ValueError:
+        raise EdgecvError(f"{meta}: not valid JSON") from None
 
 
 def stored_data_section(path: Path) -> dict[str, Any] | None:
     """The `data` section recorded with a model: in a checkpoint, or in metadata.json beside an export."""
     if path.suffix.lower() in CHECKPOINT_SUFFIXES:
         return read_checkpoint_once(path).get("meta", {}).get("data")
-    meta = path.parent / "metadata.json"
-    if meta.exists():
-        try:
-            return json.loads(meta.read_text()).get("data")
-        except ValueError:
-            raise EdgecvError(f"{meta}: not valid JSON") from None
-    return None
+    return _export_metadata(path).get("data")
 
 
 def stored_engine_options(path: Path) -> dict:
     """The engine options recorded with an ONNX file (the recipe's `export.engine`, in metadata.json)."""
-    meta = path.parent / "metadata.json"
-    if not meta.exists():
-        return {}
-    try:
-        return json.loads(meta.read_text()).get("engine") or {}
-    except ValueError:
-        raise EdgecvError(f"{meta}: not valid JSON") from None
+    return _export_metadata(path).get("engine") or {}
 
 
 def engine_for_onnx(onnx_path: Path, batch_sizes: Sequence[int] = ()) -> Path:

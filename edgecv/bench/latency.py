@@ -68,6 +68,19 @@ def synthetic_batch(input_shape: Sequence[int], batch_size: int, seed: int = 0) 
     return rng.standard_normal((batch_size, *input_shape), dtype=np.float32)
 
 
+def synthetic_frames(input_shape: Sequence[int], batch_size: int, seed: int = 0) -> np.ndarray:
+    """A deterministic uint8 N x H x W x C batch: camera frames at the model's size, for `input_shape`
+    (channels, height, width)."""
+    c, h, w = (int(d) for d in input_shape)
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (batch_size, h, w, c), dtype=np.uint8)
+
+
+def input_batch(input_shape: Sequence[int], batch_size: int, frames: bool) -> np.ndarray:
+    """What a timed call gets: uint8 frames (`frames`) or a float32 normalized NCHW tensor."""
+    return synthetic_frames(input_shape, batch_size) if frames else synthetic_batch(input_shape, batch_size)
+
+
 def time_block(runner: Callable, batch: np.ndarray, warmup: int, runs: int, progress=None) -> list[float]:
     """One block: `warmup` untimed calls, then `runs` timed calls; returns milliseconds per call."""
     for _ in range(warmup):
@@ -113,14 +126,16 @@ def benchmark_blocks(
     rounds: int = 3,
     progress: Progress | None = None,
     settle_s: float = 0.05,
+    frames: bool = False,
 ) -> dict[str, dict[int, LatencyStats]]:
     """Time several runners fairly on a shared CPU: `rounds` rounds; in each, every runner in turn runs a
     block (warm-up + `runs` timed runs) per batch size. Stats pool all timed runs of all rounds, so each
-    LatencyStats has runs * rounds runs. `settle_s` of sleep between blocks lets spinning threads park."""
+    LatencyStats has runs * rounds runs. `settle_s` of sleep between blocks lets spinning threads park.
+    Each call gets uint8 NHWC frames when `frames`, else a float32 NCHW batch."""
     _check_args(input_shape, batch_sizes, warmup, runs)
     if rounds < 1:
         raise EdgecvError(f"rounds must be >= 1, got {rounds}")
-    batches = {int(bs): synthetic_batch(input_shape, int(bs)) for bs in batch_sizes}
+    batches = {int(bs): input_batch(input_shape, int(bs), frames) for bs in batch_sizes}
     order = block_order(runners)
     times: dict[str, dict[int, list[float]]] = {name: {bs: [] for bs in batches} for name in order}
     for _ in range(rounds):

@@ -1,9 +1,13 @@
 """The one measurement API: models x runners -> `BenchRow`s. `edgecv bench` and the compress report both
 call `measure`, so their rows have the same keys and were measured the same way.
 
-A row is one model on one backend: what it is (stage, format, params, MACs, size), where it ran, its
-accuracy, memory, and per batch size its latency percentiles, throughput and (on a Jetson) energy.
-None means "not measured" and renders as "-".
+A row is one model on one backend: what it is (stage, format, params, MACs, size, what input it takes),
+where it ran, its accuracy, memory, and per batch size its latency percentiles, throughput and (on a
+Jetson) energy. None means "not measured" and renders as "-".
+
+Latency, memory and energy are measured end to end from a uint8 camera frame (N x H x W x C) by default:
+a model that takes frames gets them as they are, a float-input model is charged the numpy preprocessing it
+needs (to float, / 255, - mean, / std, HWC -> CHW), so rows compare what a deployment pays per frame.
 """
 
 from __future__ import annotations
@@ -15,10 +19,11 @@ from typing import Any
 import numpy as np
 
 from edgecv.bench.accuracy import evaluate
-from edgecv.bench.latency import LatencyStats, benchmark_blocks, synthetic_batch
+from edgecv.bench.latency import LatencyStats, benchmark_blocks, input_batch
 from edgecv.bench.memory import peak_memory_mb
-from edgecv.bench.runners import Runner
+from edgecv.bench.runners import Runner, input_kind
 from edgecv.errors import EdgecvError
+from edgecv.export.frames import UINT8_NHWC, Normalization
 
 
 @dataclass
@@ -62,6 +67,7 @@ class BenchRow:
     latency: list[BatchResult] = field(default_factory=list)
     deployable: bool = True
     note: str | None = None
+    input: str = "float-nchw"  # what the model takes: "float-nchw" tensors or "uint8-nhwc" camera frames
 
     def at(self, batch_size: int) -> BatchResult | None:
         return next((b for b in self.latency if b.batch_size == batch_size), None)
@@ -90,6 +96,9 @@ class Subject:
     accuracy: dict | None = None  # {"top1", "top5"} measured elsewhere on the same data (kept as is)
     deployable: bool = True
     note: str | None = None
+    # How frames are preprocessed for a float-input model (its data's mean/std); None: unknown, timed with
+    # neutral values (the numpy work costs the same). A frame-input model ignores it.
+    normalization: Normalization | None = None
     load: Callable[[], Runner] | None = None
 
 
@@ -103,6 +112,34 @@ class BenchSettings:
     memory: bool = True
     power: bool = False
     power_interval_ms: int = 50
+    frames: bool = True  # time from uint8 frames (float-input models pay their preprocessing); else tensors
+
+
+class Preprocessed:
+    """A float-input runner called with uint8 NHWC frames: numpy preprocessing, then the runner. Timing
+    this is what a deployment of a float-input model pays per frame."""
+
+    def __init__(self, runner: Runner, normalization: Normalization) -> None:
+        self.runner = runner
+        self.backend = runner.backend  # block order: torch runners last
+        self.normalization = normalization
+        own = getattr(runner, "memory_mb", None)
+        if own is not None:  # the runner measures its own memory (GPU): on the preprocessed batch
+            self.memory_mb = lambda frames: own(normalization.preprocess(frames))
+
+    def __call__(self, frames: np.ndarray) -> np.ndarray:
+        return self.runner(self.normalization.preprocess(frames))
+
+    def describe(self) -> dict:
+        return self.runner.describe()
+
+
+def timed_call(subject: Subject, input_shape: tuple[int, int, int], frames: bool) -> Runner:
+    """What a timed call runs for `subject`: its runner, behind the numpy preprocessing when the calls get
+    frames and the model takes float tensors."""
+    if not frames or input_kind(subject.runner) == UINT8_NHWC:
+        return subject.runner
+    return Preprocessed(subject.runner, subject.normalization or Normalization.neutral(input_shape[0]))
 
 
 Progress = Callable[[str, int], Callable[[int], None]]  # (label, total) -> advance(n)
@@ -121,18 +158,21 @@ def measure(
     if not subjects:
         raise EdgecvError("nothing to measure")
     sizes = sorted({int(b) for b in settings.batch_sizes})
-    memory = _load_runners(subjects, input_shape, sizes[-1], settings.memory)
+    calls = _load_runners(subjects, input_shape, sizes[-1], settings)
+    memory = {i: m for i, (_, m) in enumerate(calls) if m is not None}
+    calls = [c for c, _ in calls]
     accuracy = _accuracies(subjects, settings, val_batches, progress)
-    energy = _energies(subjects, input_shape, sizes, settings) if settings.power else {}
-    runners = {str(i): s.runner for i, s in enumerate(subjects)}
+    energy = _energies(calls, input_shape, sizes, settings) if settings.power else {}
+    runners = {str(i): call for i, call in enumerate(calls)}
     total = len(runners) * len(sizes) * settings.runs * settings.rounds
     advance = progress("latency (blocks)", total) if progress else None
     latency = benchmark_blocks(runners, input_shape, sizes, settings.warmup, settings.runs, settings.rounds,
-                               advance)
+                               advance, frames=settings.frames)
     rows = []
     for i, s in enumerate(subjects):
         describe = s.runner.describe()
         acc = accuracy.get(i) or {}
+        kind = input_kind(s.runner)
         rows.append(BenchRow(
             model=s.model, stage=s.stage, format=s.format, backend=s.runner.backend,
             device=str(describe.get("device") or "cpu"),
@@ -140,7 +180,8 @@ def measure(
             params=s.params, macs=s.macs, size_bytes=s.size_bytes,
             memory_mb=_round(memory.get(i), 1),
             latency=[BatchResult.from_stats(latency[str(i)][b], energy.get(i, {}).get(b)) for b in sizes],
-            deployable=s.deployable, note=s.note,
+            deployable=s.deployable, input=kind,
+            note=s.note or ("takes uint8 NHWC frames" if kind == UINT8_NHWC else None),
         ))  # fmt: skip
     return rows
 
@@ -160,42 +201,44 @@ def _accuracies(subjects, settings, val_batches, progress) -> dict[int, dict]:
     return out
 
 
-def _load_runners(subjects, input_shape, batch_size: int, with_memory: bool) -> dict[int, float]:
-    """Build each subject's runner (one after another) and run the largest batch once. The memory of a
-    subject is what that took: the process's resident-set peak over its level before (model, session,
-    buffers), or, on a GPU, the runner's own `memory_mb(batch)`. A GPU runner without one is not measured
-    ("-"), never a made-up 0."""
-    batch = np.zeros((batch_size, *input_shape), dtype=np.float32)
-    out = {}
-    for i, s in enumerate(subjects):
+def _load_runners(subjects, input_shape, batch_size: int, settings: BenchSettings) -> list[tuple[Runner, float | None]]:  # noqa: E501
+    """Build each subject's runner (one after another), wrap it in what a timed call runs (frames and
+    preprocessing, see `timed_call`) and run the largest batch once. Returns (call, memory MiB) per
+    subject. The memory is what loading and that first run took: the process's resident-set peak over its
+    level before (model, session, buffers), or, on a GPU, the runner's own `memory_mb(batch)`. A GPU
+    runner without one is not measured ("-"), never a made-up 0."""
+    batch = input_batch(input_shape, batch_size, settings.frames)
+    out = []
+    for s in subjects:
         if s.runner is None and s.load is None:
             raise EdgecvError(f"{s.model}: nothing to run (give a runner or a way to load one)")
+        calls = []
 
-        def first_call(s: Subject = s) -> None:
+        def first_call(s: Subject = s, calls: list = calls) -> None:
             if s.runner is None:
                 s.runner = s.load()
-            s.runner(batch)
+            calls.append(timed_call(s, input_shape, settings.frames))
+            calls[0](batch)
 
-        cpu_mb = peak_memory_mb(first_call, device="cpu") if with_memory else first_call()
-        if not with_memory:
-            continue
-        own = getattr(s.runner, "memory_mb", None)
-        value = own(batch) if own is not None else None
-        if value is None and str(s.runner.describe().get("device", "cpu")) == "cpu":
-            value = cpu_mb  # only a CPU runner's memory is the process's resident set
-        if value is not None:
-            out[i] = value
+        cpu_mb = peak_memory_mb(first_call, device="cpu") if settings.memory else first_call()
+        value = None
+        if settings.memory:
+            own = getattr(calls[0], "memory_mb", None)
+            value = own(batch) if own is not None else None
+            if value is None and str(calls[0].describe().get("device", "cpu")) == "cpu":
+                value = cpu_mb  # only a CPU runner's memory is the process's resident set
+        out.append((calls[0], value))
     return out
 
 
-def _energies(subjects, input_shape, sizes, settings) -> dict[int, dict[int, dict]]:
+def _energies(calls, input_shape, sizes, settings) -> dict[int, dict[int, dict]]:
     """Per subject and batch size: energy per image from tegrastats sampled during a timed block."""
     from edgecv.bench.power import TegrastatsSampler, measure_energy
 
     if not TegrastatsSampler.available():
         raise EdgecvError("--power: tegrastats was not found (power is measured on NVIDIA Jetson boards)")
     return {
-        i: {b: measure_energy(s.runner, synthetic_batch(input_shape, b), settings.warmup, max(settings.runs, 200),
-                              interval_ms=settings.power_interval_ms) for b in sizes}
-        for i, s in enumerate(subjects)
+        i: {b: measure_energy(call, input_batch(input_shape, b, settings.frames), settings.warmup,
+                              max(settings.runs, 200), interval_ms=settings.power_interval_ms) for b in sizes}
+        for i, call in enumerate(calls)
     }

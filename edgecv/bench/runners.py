@@ -1,5 +1,9 @@
 """Runners: one small protocol that turns an NCHW batch into float32 logits, one registry entry per backend.
 
+A runner whose model takes camera frames (`input_kind` "uint8-nhwc": an ONNX file or engine made by
+`export --input uint8-nhwc`) is called with uint8 N x H x W x C frames; given a normalized float NCHW
+batch (a validation loader's), it turns it back into frames with the normalization the file records.
+
 `onnxruntime`, `tensorrt` and cuda-python are imported only inside the runner that needs them, so
 `import edgecv.bench` works on a machine that lacks them.
 """
@@ -16,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import numpy as np
 
 from edgecv.errors import EdgecvError
+from edgecv.export.frames import FLOAT_NCHW, UINT8_NHWC, Normalization, normalization_in
 from edgecv.registry import Registry
 
 if TYPE_CHECKING:
@@ -29,7 +34,8 @@ class Runner(Protocol):
     backend: str
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        """float32 NCHW batch in, float32 logits (N, classes) out."""
+        """float32 NCHW batch in (or, when `input_kind` is "uint8-nhwc", uint8 NHWC frames), float32
+        logits (N, classes) out."""
         ...
 
     def describe(self) -> dict:
@@ -81,11 +87,32 @@ def _as_input(batch: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(batch, dtype=np.float32)
 
 
+def input_kind(runner: object) -> str:
+    """What `runner`'s model takes: "float-nchw" (normalized tensors) or "uint8-nhwc" (camera frames)."""
+    return getattr(runner, "input_kind", FLOAT_NCHW)
+
+
+def _as_frames(batch: Any, channels: int, normalization: Normalization | None, where: object) -> np.ndarray:
+    """uint8 N x H x W x C frames for a frame-input model: frames pass as they are; a normalized float NCHW
+    batch is turned back into frames with the model's normalization."""
+    if getattr(batch, "dtype", None) == np.uint8:
+        if batch.ndim != 4 or batch.shape[3] != channels:
+            raise EdgecvError(f"{where}: frames must be uint8 N x H x W x {channels}, got shape {tuple(batch.shape)}")
+        return np.ascontiguousarray(batch)
+    if normalization is None:
+        raise EdgecvError(
+            f"{where}: the model takes uint8 NHWC frames and records no normalization to turn a normalized "
+            "float batch into frames; feed it frames"
+        )
+    return normalization.to_frames(np.asarray(batch))
+
+
 # --------------------------------------------------------------------------------------------- torch
 class TorchRunner:
     """An nn.Module in eval mode under inference_mode; on CUDA the output copy synchronises."""
 
     backend = "torch"
+    input_kind = FLOAT_NCHW
 
     def __init__(self, model: Any, *, device: str = "cpu", threads: int | None = None) -> None:
         import torch
@@ -178,12 +205,18 @@ class OnnxRuntimeRunner:
         if len(inputs) != 1:
             raise EdgecvError(f"{path}: expected one image input, the model has {len(inputs)}")
         self.input_name = inputs[0].name
+        self.input_kind = UINT8_NHWC if inputs[0].type == "tensor(uint8)" else FLOAT_NCHW
+        self.normalization = normalization_in(self.session.get_modelmeta().custom_metadata_map, path)
+        self._channels = inputs[0].shape[-1]
         self.path = path
         self.device = device
         self.threads = threads
         self._ort = ort
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
+        if self.input_kind == UINT8_NHWC:
+            return self.session.run(None, {self.input_name: _as_frames(batch, self._channels, self.normalization,
+                                                                       self.path)})[0]
         return self.session.run(None, {self.input_name: _as_input(batch)})[0]
 
     def describe(self) -> dict:
@@ -309,6 +342,10 @@ class TensorRTRunner:
         self._trt, self.runtime, self.engine = trt_export.deserialize(path)
         self.io = trt_export.engine_io(self._trt, self.engine, path)
         self.min_batch, self.max_batch = trt_export.batch_limits(self.io)
+        frames = self.io.input_dtype == "uint8"  # a frame-input file (export --input uint8-nhwc)
+        self.input_kind = UINT8_NHWC if frames else FLOAT_NCHW
+        self.normalization: Normalization | None = None  # set by whoever knows it (model_files: the ONNX file)
+        self._channels = int(self.io.input_shape[-1])
         self.context = self.engine.create_execution_context()
         self.stream = _check_cuda(cudart.cudaStreamCreate(), "cudaStreamCreate")
 
@@ -340,6 +377,8 @@ class TensorRTRunner:
         return out
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
+        if self.input_kind == UINT8_NHWC:
+            batch = _as_frames(batch, self._channels, self.normalization, self.path)
         outputs = [self._run(part)[:keep] for part, keep in
                    engine_batches(batch, self.io.input_dtype, self.min_batch, self.max_batch)]
         return np.concatenate(outputs).astype(np.float32, copy=False)

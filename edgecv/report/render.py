@@ -83,7 +83,9 @@ def markdown_table(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
 
 
 def row_label(row: BenchRow) -> str:
-    return f"{row.stage}/{row.format}" if row.stage else Path(row.model).name
+    if not row.stage:
+        return Path(row.model).name
+    return f"{row.stage}/{row.format}" + (" (frames)" if row.input == "uint8-nhwc" else "")
 
 
 # ------------------------------------------------------------------------------------------- tables

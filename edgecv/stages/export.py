@@ -8,6 +8,10 @@ trained model is rebuilt for each other target with the same ranges and written 
 Each entry of metadata.json's `files` carries its `target`; the `engine` section records the engine options,
 so that an engine built later on the device (`edgecv bench model.int8.tensorrt.onnx --backend tensorrt`)
 gets the same ones.
+
+With `input: uint8-nhwc`, each ONNX file also gets a frame-input twin (`model.frames.onnx`,
+`model.int8.frames.onnx`) that takes uint8 N x H x W x C camera frames with the normalization folded into
+the first convolution.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from edgecv.compress.quantize import PROFILES, float_structure, is_quantized, qu
 from edgecv.config import Strict, registry_choice
 from edgecv.console import console
 from edgecv.errors import EdgecvError
+from edgecv.export.frames import FLOAT_NCHW, UINT8_NHWC
 from edgecv.io import write_json
 from edgecv.stages.base import StageConfig, StageContext, stage
 
@@ -47,6 +52,12 @@ class EngineConfig(Strict):
         return v
 
 
+def _input_kinds():
+    from edgecv.export.frames import INPUT_KINDS
+
+    return INPUT_KINDS
+
+
 class ExportConfig(StageConfig):
     stage: ClassVar[str] = "export"
     opset: int = Field(17, ge=13, le=21)
@@ -58,6 +69,9 @@ class ExportConfig(StageConfig):
         description="INT8 files for these targets too (model.int8.<target>.onnx), from the same ranges",
     )
     engine: EngineConfig = Field(default_factory=EngineConfig)
+    input: registry_choice(_input_kinds) = Field(  # type: ignore[valid-type]
+        FLOAT_NCHW, description="float-nchw: normalized float tensors; uint8-nhwc: also write frame-input "
+        "files that take uint8 camera frames, normalization folded into the first convolution")
 
 
 def _export_checked(model: nn.Module, path: Path, cfg: ExportConfig, ctx: StageContext, samples, int8: bool) -> dict:
@@ -67,7 +81,8 @@ def _export_checked(model: nn.Module, path: Path, cfg: ExportConfig, ctx: StageC
     export_onnx(model, path, ctx.spec.example_input(), opset=cfg.opset, dynamic_batch=cfg.dynamic_batch)
     parity = check_parity(model, path, samples, int8=int8)
     _require_parity(path, parity, int8=int8)
-    return {"format": "onnx-int8" if int8 else "onnx", "size_bytes": model_size_bytes(path), "parity": parity}
+    return {"format": "onnx-int8" if int8 else "onnx", "input": FLOAT_NCHW, "size_bytes": model_size_bytes(path),
+            "parity": parity}
 
 
 def _int8_file(model: nn.Module, out: Path, cfg: ExportConfig, ctx: StageContext, samples,
@@ -140,6 +155,8 @@ def export_stage(model: nn.Module, cfg: ExportConfig, ctx: StageContext) -> nn.M
         for target in int8_targets(model, cfg):
             name = int8_file_name(target, quant_spec(model).target)
             files[name] = _retargeted_file(model, target, out, cfg, ctx, samples)
+    if cfg.input == UINT8_NHWC:
+        files.update(_frame_files(out, files, float_model, model if quantized else None, ctx, samples))
     if cfg.tensorrt:
         files["model.engine"] = _engine(out, files, cfg, ctx)
     write_json(out / METADATA, {
@@ -160,6 +177,7 @@ def export_stage(model: nn.Module, cfg: ExportConfig, ctx: StageContext) -> nn.M
         p = info.get("parity") or {}
         what = (f"top-1 agreement {100 * p.get('top1_agreement', 0):.2f}%" if "int8" in name
                 else f"max |diff| {p.get('max_abs_diff', 0):.2e}")
+        what += f", logit SQNR {p['sqnr_db']:.1f} dB" if "sqnr_db" in p and "int8" in name else ""
         console.print(f"wrote {out / name} ({info.get('size_bytes', 0):,} bytes; parity vs torch: {what})")
     return model
 
@@ -182,6 +200,47 @@ def build_options(engine_cfg: EngineConfig, batch_sizes, eval_batch_size: int):
     return BuildOptions(precision=engine_cfg.precision, batches=engine_profile(batch_sizes, eval_batch_size),
                         workspace_mb=engine_cfg.workspace_mb, timing_cache=engine_cfg.timing_cache,
                         dla_core=engine_cfg.dla_core)
+
+
+
+def _frame_files(out: Path, files: dict, float_model: nn.Module | None, int8_model: nn.Module | None,
+                 ctx: StageContext, samples) -> dict[str, dict]:
+    """A frame-input twin of each ONNX file, checked against its torch model on the validation images as
+    uint8 frames; a twin that disagrees is refused like any other export."""
+    from edgecv.export.frames import (
+        INT8_MIN_SQNR_DB,
+        Normalization,
+        check_frame_parity,
+        export_frame_onnx,
+        ort_prologue,
+    )
+    from edgecv.export.onnx import model_size_bytes
+
+    norm = Normalization.of(ctx.spec)
+    frames = norm.to_frames(samples.cpu().numpy())
+    out_files = {}
+    for source, model in (("model.onnx", float_model), ("model.int8.onnx", int8_model)):
+        if source not in files or model is None:
+            continue
+        int8 = "int8" in source
+        path = out / source.replace(".onnx", ".frames.onnx")
+        plan = export_frame_onnx(out / source, path, norm, model)
+        parity = check_frame_parity(model, path, frames, norm, int8=int8)
+        if not parity["ok"]:
+            path.unlink(missing_ok=True)
+            if int8:
+                raise EdgecvError(
+                    f"export: {path.name} disagrees with the torch model: top-1 agreement "
+                    f"{100 * parity['top1_agreement']:.2f}% < 99% and logit SQNR {parity['sqnr_db']:.1f} dB < "
+                    f"{INT8_MIN_SQNR_DB:.0f} dB on {parity['n']} validation images")
+            _require_parity(path, parity, int8=False)
+        c, h, w = ctx.spec.input_shape
+        out_files[path.name] = {
+            "format": files[source]["format"], "input": UINT8_NHWC, "input_shape": [None, h, w, c],
+            "size_bytes": model_size_bytes(path), "parity": parity,
+            "frame_input": {**plan.to_dict(), **norm.to_dict(), "ort_prologue": ort_prologue(path)},
+        }  # fmt: skip
+    return out_files
 
 
 def _engine(out: Path, files: dict, cfg: ExportConfig, ctx: StageContext) -> dict:
