@@ -548,7 +548,7 @@ def test_model_files_know_a_frame_file(frame_files):
     assert model_input_shape(frame_files["frames"]) == (3, 16, 16)
     assert stored_normalization(frame_files["frames"]) == UNIFORM
     subject = subject_for(frame_files["frames"], "onnxruntime", "cpu", 1)
-    assert subject.format == "onnx-int8" and input_kind(subject.runner) == UINT8_NHWC
+    assert subject.format == "onnx-int8" and input_kind(subject.load()) == UINT8_NHWC
 
 
 # ---- the CLI and the export stage, as a user runs them ------------------------------------------------------
