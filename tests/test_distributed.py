@@ -1,0 +1,154 @@
+"""torchrun / DDP: collectives on the device their backend needs, equal step counts on every rank,
+calibration shared by rank 0, and multi-process training that matches one process and resumes."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+import edgecv.train.distributed as D
+
+
+class _Recorded(Exception):
+    """Raised by a fake torch.distributed op once it has seen what it was given."""
+
+
+@pytest.mark.parametrize(
+    "backend, gpu, expected",
+    [("nccl", 0, "cuda:0"), ("nccl", 3, "cuda:3"), ("gloo", 2, "cpu"), ("mpi", 0, "cpu")],
+)
+def test_the_backend_decides_where_collective_tensors_live(backend, gpu, expected):
+    """NCCL takes only CUDA tensors of the process's own GPU; gloo and MPI take CPU tensors."""
+    assert D.collective_device(backend, gpu) == expected
+
+
+def _collective_calls() -> dict:
+    return {
+        "all_reduce_sum": lambda info: D.all_reduce_sum([1.0, 2.0], info),
+        "all_reduce_mean": lambda info: D.all_reduce_mean(1.0, info),
+        "broadcast_object": lambda info: D.broadcast_object({"a": 1}, info),
+        "gather_objects": lambda info: D.gather_objects(["x"], info),
+        "broadcast_module_state": lambda info: D.broadcast_module_state(torch.nn.Linear(2, 2), info),
+        "barrier": lambda info: D.barrier(info),
+    }
+
+
+def test_every_collective_is_checked_here():
+    """A new function that takes a DistInfo is a collective: it must be added to the device test below."""
+    takes_info = {name for name, fn in inspect.getmembers(D, inspect.isfunction)
+                  if fn.__module__ == D.__name__ and not name.startswith("_")
+                  and any(p.annotation in ("DistInfo", D.DistInfo) for p in inspect.signature(fn).parameters.values())}
+    assert takes_info == set(_collective_calls())
+
+
+@pytest.mark.parametrize("name", sorted(_collective_calls()))
+def test_every_collective_uses_the_backends_device(name, monkeypatch):
+    """Run each collective as if under NCCL: what reaches torch.distributed is on the process's device.
+    The tensors live on the 'meta' device here (this machine has no GPU); a CPU tensor is the bug."""
+    seen: list = []
+
+    def tensor_op(tensor, *args, **kwargs):
+        seen.append(str(tensor.device))
+        raise _Recorded
+
+    def object_op(objects, *args, device=None, **kwargs):
+        seen.append(str(device))
+        raise _Recorded
+
+    def barrier(*args, device_ids=None, **kwargs):
+        seen.append(f"cuda:{device_ids[0]}" if device_ids else "no device")
+        raise _Recorded
+
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "all_reduce", tensor_op)
+    monkeypatch.setattr(torch.distributed, "broadcast", tensor_op)
+    monkeypatch.setattr(torch.distributed, "broadcast_object_list", object_op)
+    monkeypatch.setattr(torch.distributed, "barrier", barrier)
+    device = "cuda:1" if name == "barrier" else "meta"
+    info = D.DistInfo(rank=0, world_size=2, local_rank=1, backend="nccl", device=device)
+    with pytest.raises(_Recorded):
+        _collective_calls()[name](info)
+    assert seen == [device]
+
+
+def test_one_process_needs_no_process_group():
+    info = D.DistInfo()
+    assert D.all_reduce_mean(2.5, info) == 2.5 and D.broadcast_object({"a": 1}, info) == {"a": 1}
+    assert D.gather_objects(["x"], info) == [["x"]]
+
+
+def _rank_results(out, check: str, world: int) -> list[dict]:
+    import json
+
+    return [json.loads((out / f"{check}-rank{r}.json").read_text()) for r in range(world)]
+
+
+def test_collectives_on_three_gloo_processes(tmp_path):
+    from torchrun import ROOT, torchrun
+
+    run = torchrun(3, str(ROOT / "tests" / "dist_worker.py"), "collectives", str(tmp_path), timeout=180)
+    assert run.returncode == 0, run.stderr[-3000:]
+    ranks = _rank_results(tmp_path, "collectives", 3)
+    assert [r["backend"] for r in ranks] == ["gloo"] * 3
+    for r in ranks:
+        assert r["sum"] == [0.0 + 1.0 + 2.0, 3.0] and r["mean"] == pytest.approx(1.0)
+        assert r["broadcast"] == {"from": 0}
+        assert r["weights"] == ranks[0]["weights"] and r["running_mean"] == [0.0, 0.0]
+    assert ranks[0]["gathered"] == [["rank0"], ["rank1"], ["rank2"]]
+
+
+# ----------------------------------------------------------------------------- equal step counts per rank
+
+
+@pytest.mark.parametrize("drop_last", [True, False])
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("n", [10, 22, 23, 24, 25])
+def test_in_memory_shards_give_every_rank_the_same_number_of_batches(n, world, drop_last):
+    """[rank::world] gives rank 0 one sample more than the last rank; with batch 4 that can be one step
+    more, and DDP then waits forever for the ranks that stopped. Shards are padded (or cut) to equal size
+    as DistributedSampler does."""
+    from edgecv.data.loaders import TensorLoader
+
+    images, labels = torch.zeros(n, 1, 4, 4, dtype=torch.uint8), torch.arange(n)
+    loaders = [TensorLoader(images, labels, 4, (0.5,), (0.25,), shuffle=True, rank=r, world_size=world,
+                            drop_last=drop_last) for r in range(world)]
+    batches = [[y for _, y in loader] for loader in loaders]
+    assert len({len(b) for b in batches}) == 1, [len(b) for b in batches]
+    assert all(len(loader) == len(b) for loader, b in zip(loaders, batches, strict=True))
+    assert len({loader.num_samples for loader in loaders}) == 1
+    seen = [int(v) for b in batches for y in b for v in y]
+    if drop_last:
+        assert len(seen) == len(set(seen))  # cut, never repeated
+    else:
+        assert set(seen) == set(range(n))  # padded with repeats, never lost
+
+
+@pytest.mark.parametrize("batch_size", [3, 8])
+def test_image_folder_shards_give_every_rank_the_same_number_of_batches(tmp_path, batch_size):
+    """10 images on 3 ranks: every rank runs the same number of steps, and at least one."""
+    from image_files import make_image_folder
+
+    from edgecv.data import build_data
+    from edgecv.data.config import DataConfig
+
+    root = make_image_folder(tmp_path / "img", classes=("a", "b"), per_class=5, size=(12, 12))
+    cfg = DataConfig(dataset="imagefolder", image_size=8, batch_size=batch_size, augment=False)
+    counts = [sum(1 for _ in build_data(cfg, str(root), rank=r, world_size=3).train) for r in range(3)]
+    assert len(set(counts)) == 1 and counts[0] >= 1, counts
+
+
+def test_three_ranks_on_a_dataset_that_does_not_divide_finish(tmp_path):
+    """22 images, batch 4, 3 ranks: rank 0 used to get 8 images (2 steps), the others 7 (1 step), and the
+    run hung in DDP's gradient all-reduce."""
+    from conftest import TINY, write_recipe
+    from torchrun import torchrun
+
+    recipe = {**TINY, "name": "uneven", "data": {**TINY["data"], "train_size": 22, "val_size": 8, "batch_size": 4},
+              "train": {**TINY["train"], "epochs": 1}, "stages": []}
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    run = torchrun(3, "-m", "edgecv", "train", str(path), "--out", str(tmp_path / "runs"), "--device", "cpu",
+                   timeout=150)
+    assert run.returncode == 0, f"returncode {run.returncode} after {run.seconds} s\n{run.stderr[-3000:]}"
+    assert (tmp_path / "runs" / "uneven" / "00-train" / "model.pt").is_file()
