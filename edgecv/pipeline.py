@@ -62,6 +62,8 @@ class Pipeline:
         # Denormal floats (tiny weights and activations late in training) slow CPU kernels up to 10x.
         torch.set_flush_denormal(True)
         self.dist: DistInfo = init_distributed(self.device)
+        if self.dist.backend == "nccl":
+            self.device = self.dist.device  # this process's own GPU (cuda:LOCAL_RANK)
         self.data_root = data_root
         self.run_dir = Path(out) / recipe.name
         self.manifest_path = self.run_dir / MANIFEST

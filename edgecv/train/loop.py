@@ -85,7 +85,7 @@ def fit(
     train_model: nn.Module = model
     if dist_info.enabled:
         train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[dist_info.local_rank] if device.startswith("cuda") else None
+            model, device_ids=[torch.device(device).index or 0] if device.startswith("cuda") else None
         )
     if loss_fn is None:
         loss_fn = CrossEntropy(cfg.label_smoothing)
