@@ -181,7 +181,8 @@ def _tensor_bundle(name, cfg, arrays, mean, std, seed, rank, world_size, class_n
     tr_x, tr_y = _subset(*arrays["train"], cfg.limit_train)
     va_x, va_y = _subset(*arrays["val"], cfg.limit_val)
     train = TensorLoader(tr_x, tr_y, cfg.batch_size, mean, std, shuffle=True, augment=cfg.augment,
-                         seed=seed, rank=rank, world_size=world_size, drop_last=len(tr_y) > cfg.batch_size)
+                         seed=seed, rank=rank, world_size=world_size,
+                         drop_last=len(tr_y) // world_size > cfg.batch_size)
     calib = TensorLoader(tr_x, tr_y, cfg.batch_size, mean, std, shuffle=True, seed=seed + 1)
     val = TensorLoader(va_x, va_y, cfg.eval_batch_size, mean, std)
     return DataBundle(name, train, val, len(class_names), tr_x.shape[1], tr_x.shape[-1], class_names, calib, source,
@@ -269,12 +270,12 @@ def imagefolder(cfg: DataConfig, root: str | None, seed: int = 0, rank: int = 0,
         train_ds, calib_ds = Subset(train_ds, idx.tolist()), Subset(calib_ds, idx.tolist())
     if cfg.limit_val:
         val_ds = Subset(val_ds, list(range(min(cfg.limit_val, len(val_ds)))))
-    sampler = DistributedSampler(train_ds, world_size, rank, shuffle=True, seed=seed) if world_size > 1 else None
-    g = torch.Generator().manual_seed(seed)
+    # equal shards on every rank (padded), so every rank runs the same number of steps; one process uses
+    # the same sampler, so its sample order is the one a group of ranks shares out
+    sampler = DistributedSampler(train_ds, world_size, rank, shuffle=True, seed=seed)
     workers = option(cfg.workers, 0)
     common = {"num_workers": workers, "persistent_workers": workers > 0}
-    train = DataLoader(train_ds, cfg.batch_size, shuffle=sampler is None, sampler=sampler, generator=g,
-                       drop_last=len(train_ds) > cfg.batch_size, **common)
+    train = DataLoader(train_ds, cfg.batch_size, sampler=sampler, drop_last=len(sampler) > cfg.batch_size, **common)
     calib = DataLoader(calib_ds, cfg.batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed + 1), **common)
     val = DataLoader(val_ds, cfg.eval_batch_size, shuffle=False, **common)
     classes = splits["train"].classes
