@@ -48,6 +48,7 @@ class TensorLoader:
         rank: int = 0,
         world_size: int = 1,
         drop_last: bool = False,
+        equal_shards: bool = True,  # False: plain [rank::world] shares (evaluation counts each sample once)
     ) -> None:
         self.images, self.labels = images, labels
         self.batch_size = batch_size
@@ -57,6 +58,7 @@ class TensorLoader:
         self.seed, self.epoch = seed, 0
         self.rank, self.world_size = rank, world_size
         self.drop_last = drop_last
+        self.equal_shards = equal_shards
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -68,6 +70,8 @@ class TensorLoader:
             idx = torch.randperm(n, generator=g)
         else:
             idx = torch.arange(n)
+        if not self.equal_shards:
+            return idx[self.rank :: self.world_size]
         return shard(idx, self.rank, self.world_size, pad=not self.drop_last)
 
     def __len__(self) -> int:
@@ -76,7 +80,9 @@ class TensorLoader:
 
     @property
     def num_samples(self) -> int:
-        """Samples of this rank's shard per epoch (the same on every rank)."""
+        """Samples of this rank's shard per epoch (the same on every rank with equal shards)."""
+        if not self.equal_shards:
+            return len(range(self.rank, len(self.labels), self.world_size))
         return shard_size(len(self.labels), self.world_size, pad=not self.drop_last)
 
     def _augment(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
