@@ -7,6 +7,7 @@ run's files; the other ranks get what they need from it through these collective
 
 from __future__ import annotations
 
+import atexit
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -80,7 +81,15 @@ def init_distributed(device: str) -> DistInfo:
     if not dist.is_initialized():
         extra = {"device_id": torch.device(on)} if backend == "nccl" else {}
         dist.init_process_group(backend, timeout=TIMEOUT, **extra)
+        atexit.register(_leave)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, backend, on)
+
+
+def _leave() -> None:
+    """Leave the process group before the interpreter exits (its communication threads would otherwise be
+    torn down mid-flight: "terminate called without an active exception")."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _active() -> bool:
