@@ -39,7 +39,35 @@ def collectives(info) -> dict:
     }
 
 
-CHECKS = {"collectives": collectives}
+def calibration(info) -> dict:
+    """The ptq stage with calibration batches that differ per rank: the ranges must still agree."""
+    import tempfile
+
+    from edgecv.data.datasets import build_data
+    from edgecv.models import build_model
+    from edgecv.pipeline import model_spec
+    from edgecv.recipe import validate
+    from edgecv.stages import STAGES, StageContext
+
+    recipe = validate({
+        "name": "calib", "model": {"name": "edgecv:resnet8", "width": 8},
+        "data": {"dataset": "synthetic", "image_size": 16, "num_classes": 4, "train_size": 128, "val_size": 32,
+                 "batch_size": 16, "eval_batch_size": 32},
+        "stages": [{"ptq": {"compare": ["max", "percentile"], "calib_batches": 2, "skip_layers": "auto:1"}}],
+    })  # fmt: skip
+    data = build_data(recipe.data, seed=10 * info.rank, rank=info.rank, world_size=info.world_size)
+    spec = model_spec(recipe, data)
+    torch.manual_seed(0)
+    model = build_model(spec.name, **spec.build_kwargs()).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        ctx = StageContext(recipe, Path(tmp), Path(tmp), 1, "cpu", data, spec, dist=info)
+        qmodel = STAGES.get("ptq").run(model, recipe.stages[0], ctx)
+    ranges = {k: v.flatten().tolist() for k, v in qmodel.state_dict().items() if k.rsplit(".", 1)[-1] in ("amax", "lo", "hi")}
+    return {"ranges": ranges, "first_calibration_batch_sum": float(data.calibration_batches(1)[0].sum()),
+            "skipped_layers": ctx.metrics.get("skipped_layers")}
+
+
+CHECKS = {"collectives": collectives, "calibration": calibration}
 
 
 def main() -> None:
@@ -48,6 +76,7 @@ def main() -> None:
     result = CHECKS[check](info)
     (out / f"{check}-rank{info.rank}.json").write_text(json.dumps({"rank": info.rank, "world": info.world_size,
                                                                    "backend": info.backend, **result}))
+    barrier(info)
 
 
 if __name__ == "__main__":

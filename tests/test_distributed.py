@@ -152,3 +152,16 @@ def test_three_ranks_on_a_dataset_that_does_not_divide_finish(tmp_path):
                    timeout=150)
     assert run.returncode == 0, f"returncode {run.returncode} after {run.seconds} s\n{run.stderr[-3000:]}"
     assert (tmp_path / "runs" / "uneven" / "00-train" / "model.pt").is_file()
+
+
+def test_rank_0_calibrates_and_every_rank_quantizes_identically(tmp_path):
+    """Each rank gets different calibration batches; the ptq stage's ranges (and the `auto:1` layer kept in
+    float) are rank 0's on every rank. Before, each rank calibrated on its own batches."""
+    from torchrun import ROOT, torchrun
+
+    run = torchrun(2, str(ROOT / "tests" / "dist_worker.py"), "calibration", str(tmp_path), timeout=240)
+    assert run.returncode == 0, run.stderr[-3000:]
+    r0, r1 = _rank_results(tmp_path, "calibration", 2)
+    assert r0["first_calibration_batch_sum"] != r1["first_calibration_batch_sum"]  # the data did differ
+    assert r0["ranges"] and r0["ranges"] == r1["ranges"]
+    assert r0["skipped_layers"] == r1["skipped_layers"] and len(r0["skipped_layers"]) == 1
