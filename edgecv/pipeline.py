@@ -69,6 +69,8 @@ class Pipeline:
         self.dist: DistInfo = init_distributed(self.device)
         if self.dist.backend == "nccl":
             self.device = self.dist.device  # this process's own GPU (cuda:LOCAL_RANK)
+        if not self.dist.is_main:
+            console.quiet = True  # one report of progress, from rank 0; errors still go to stderr
         self.data_root = data_root
         self.run_dir = Path(out) / recipe.name
         self.manifest_path = self.run_dir / MANIFEST

@@ -165,3 +165,133 @@ def test_rank_0_calibrates_and_every_rank_quantizes_identically(tmp_path):
     assert r0["first_calibration_batch_sum"] != r1["first_calibration_batch_sum"]  # the data did differ
     assert r0["ranges"] and r0["ranges"] == r1["ranges"]
     assert r0["skipped_layers"] == r1["skipped_layers"] and len(r0["skipped_layers"]) == 1
+
+
+# ----------------------------------------------------------------------------- training on JPEG files
+
+GLOBAL_BATCH = 12
+
+
+def _jpeg_recipe(tmp_path, root, name: str, epochs: int = 2, **train) -> object:
+    """A net without BatchNorm (see tests/nets.py), no augmentation: a step's update depends only on the
+    global batch, however it is split over processes."""
+    from conftest import write_recipe
+
+    recipe = {"name": name, "seed": 0, "model": {"name": "nets:no_batchnorm"},
+              "data": {"dataset": "imagefolder", "root": str(root), "image_size": 16, "augment": False,
+                       "batch_size": GLOBAL_BATCH, "eval_batch_size": 8},
+              "train": {"epochs": epochs, "lr": 0.05, "schedule": "cosine", **train}}
+    return write_recipe(tmp_path / f"{name}.yaml", recipe)
+
+
+@pytest.fixture(scope="module")
+def jpeg_runs(tmp_path_factory):
+    """36 JPEG files (3 classes), and the weights one process trains from them with batch 12."""
+    from conftest import run_cli
+    from image_files import make_image_folder
+    from torchrun import ROOT
+
+    base = tmp_path_factory.mktemp("jpegs")
+    root = make_image_folder(base / "img", per_class=12, val_per_class=2, size=(20, 24))
+    recipe = _jpeg_recipe(base, root, "one")
+    proc = run_cli("train", str(recipe), "--out", str(base / "runs"), "--device", "cpu",
+                   env={"PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return {"base": base, "root": root, "one": base / "runs" / "one" / "00-train" / "model.pt"}
+
+
+def _weights(path) -> dict:
+    from edgecv.checkpoint import read_checkpoint
+
+    return read_checkpoint(path)["state_dict"]
+
+
+@pytest.mark.parametrize("world", [2, pytest.param(3, marks=pytest.mark.slow)])
+def test_torchrun_trains_the_same_weights_as_one_process(jpeg_runs, world, tmp_path):
+    """The same global batch (12 = 2 x 6 = 3 x 4) over real JPEG files gives the same weights, up to the
+    float rounding of summing gradients in another order."""
+    from torchrun import torchrun
+
+    recipe = _jpeg_recipe(tmp_path, jpeg_runs["root"], f"world{world}")
+    run = torchrun(world, "-m", "edgecv", "train", str(recipe), "--out", str(tmp_path / "runs"), "--device", "cpu",
+                   "--set", f"data.batch_size={GLOBAL_BATCH // world}", timeout=240)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert f"train: {world} process(es), global batch {GLOBAL_BATCH}" in run.stdout
+    one, many = _weights(jpeg_runs["one"]), _weights(tmp_path / "runs" / f"world{world}" / "00-train" / "model.pt")
+    start = _initial_weights()
+    moved = max(float((one[k] - start[k]).abs().max()) for k in one)
+    diff = max(float((one[k] - many[k]).abs().max()) for k in one)
+    assert moved > 1e-2 and diff < 1e-5, (moved, diff)
+
+
+def _initial_weights() -> dict:
+    import torch
+    from nets import no_batchnorm
+
+    torch.manual_seed(0)  # the train stage seeds with recipe.seed before building the model
+    from edgecv.models.adapt import adapt_model
+
+    return adapt_model(no_batchnorm(3), 3, 3, 16).state_dict()
+
+
+def _worker_pid(torchrun_pid: int, rank: int) -> int | None:
+    """The pid of the torchrun worker with RANK=`rank`."""
+    from torchrun import descendants
+
+    for pid in descendants(torchrun_pid):
+        try:
+            env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env and b"LOCAL_RANK=" + str(rank).encode() in env:
+            return pid
+    return None
+
+
+@pytest.mark.slow
+def test_kill_9_of_a_rank_mid_epoch_then_resume_with_another_world_size(tmp_path):
+    """2 processes train; once epoch 1 is saved, rank 1 is killed with SIGKILL in the middle of the next
+    epoch and torchrun stops the job. The same command with 3 processes resumes from the last finished
+    epoch (the schedule placed for its own steps per epoch) and finishes."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from image_files import make_image_folder
+    from torchrun import ROOT, kill_tree, torchrun, torchrun_args
+
+    root = make_image_folder(tmp_path / "img", per_class=80, val_per_class=2, size=(20, 24))
+    recipe = _jpeg_recipe(tmp_path, root, "killed", epochs=4)
+    run_dir = tmp_path / "runs" / "killed" / "00-train"
+    args = ["-m", "edgecv", "train", str(recipe), "--out", str(tmp_path / "runs"), "--device", "cpu",
+            "--set", "data.batch_size=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}
+    proc = subprocess.Popen(torchrun_args(2, *args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (run_dir / "state.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert (run_dir / "state.pt").exists(), "epoch 1 was never saved"
+        victim = _worker_pid(proc.pid, 1)
+        assert victim is not None
+        os.kill(victim, signal.SIGKILL)
+        assert proc.wait(timeout=120) != 0  # torchrun stops the job when a rank dies
+    finally:
+        kill_tree(proc.pid)
+    done = torch.load(run_dir / "state.pt", weights_only=True)["epochs_done"]
+    assert 1 <= done < 4
+    logged = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in logged if e["event"] == "epoch"] == list(range(1, done + 1))  # killed mid-epoch
+
+    again = torchrun(3, *args, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resuming train from epoch {done + 1}/4" in again.stdout
+    assert "written by 2 process(es), continued by 3" in " ".join(again.stdout.split())
+    log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    resume = next(i for i, e in enumerate(log) if e["event"] == "resume")
+    assert log[resume]["epochs_done"] == done and log[resume]["world_size"] == 3
+    assert [e["epoch"] for e in log[resume:] if e["event"] == "epoch"] == list(range(done + 1, 5))
+    assert (run_dir / "model.pt").is_file() and not (run_dir / "state.pt").exists()

@@ -312,14 +312,18 @@ def run_epoch(s: TrainSession, loaders: tuple[Iterable, Iterable], epoch: int, p
 def log_skipped(s: TrainSession, loaders: tuple[Iterable, ...], label: str, epoch: int, log_path: Path | None) -> int:
     """Files the loaders skipped this epoch on any rank: each named once in the log; their count."""
     mine = [item for loader in loaders for item in (loader.take_skipped() if hasattr(loader, "take_skipped") else [])]
-    everyone = [item for part in gather_objects(mine, s.dist) for item in part]
+    by_rank = gather_objects(mine, s.dist)
     if s.dist.is_main:
-        for path, why in everyone:
-            if path not in s.logged_skips:
+        for rank, part in enumerate(by_rank):
+            for path, why in part:
+                if path in s.logged_skips:
+                    continue
                 s.logged_skips.add(path)
+                if rank != 0:  # rank 0's loader warned already; the other ranks' consoles are quiet
+                    console.print(f"warning: skipped unreadable image {path} ({why}) [rank {rank}]", markup=False)
                 _append_jsonl(log_path, {"event": "skipped_image", "stage": label, "epoch": epoch + 1, "path": path,
-                                         "reason": why})
-    return len(everyone)
+                                         "reason": why, "rank": rank})
+    return sum(len(part) for part in by_rank)
 
 
 # --------------------------------------------------------------------------- fit
