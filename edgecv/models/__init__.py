@@ -71,6 +71,10 @@ def build_model(
             hint = f" (did you mean 'torchvision:{close[0]}'?)" if close else ""
             raise EdgecvError(f"model.name: torchvision has no classification model {rest!r}{hint}")
         try:
+            if weights:
+                from edgecv.models.weights import ensure_cached
+
+                ensure_cached(rest, weights)
             model = torchvision.models.get_model(rest, weights=weights)
         except (ValueError, KeyError) as exc:
             raise EdgecvError(f"model.weights {weights!r} is not valid for {rest}: {exc}") from None

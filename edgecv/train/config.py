@@ -36,8 +36,9 @@ class TrainConfig(Strict):
     channels_last: bool = Field(False, description="NHWC memory layout (faster convolutions on tensor cores)")
     compile: bool = Field(False, description="torch.compile the training model (minutes of compiling first)")
     cudnn_benchmark: bool = Field(True, description="CUDA: let cuDNN pick the fastest kernels for fixed shapes")
-    ema_decay: float | None = Field(None, gt=0.0, lt=1.0, description="keep an exponential moving average "
-                                    "of the weights with this decay per update; evaluate and keep it")
+    ema_decay: float | None = Field(None, ge=0.0, lt=1.0, description="keep an exponential moving average "
+                                    "of the weights with this decay per update, evaluate and keep it (0: off, "
+                                    "for a stage whose recipe's train section has one)")
     ema_steps: int = Field(1, ge=1, description="optimizer steps between EMA updates")
     grad_accum: int = Field(1, ge=1, description="batches whose gradients are summed before each step")
     grad_clip: float | None = Field(None, gt=0.0)
