@@ -89,3 +89,22 @@ def test_pretrained_recipe_without_weights_or_network_is_one_cli_line(imagenet_l
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert lines[0].startswith("error: model.weights 'IMAGENET1K_V1' of torchvision:resnet18") and "download" in lines[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [n for n in IMAGENET if n.endswith("-pretrained")])
+def test_pretrained_recipe_compresses_end_to_end(name, imagenet_like, tmp_path):
+    """Every stage of the recipe (prune, fine-tune, PTQ/QAT, export, bench, report) on tiny sizes, the
+    weights replaced by random ones (1.5-4 min each on 2 cores)."""
+    short = ["stages.finetune.epochs=1", "stages.qat.epochs=1", "stages.qat.calib_batches=2",
+             "stages.export.parity_samples=8", "bench.batch_sizes=[1]", "bench.runs=3", "bench.warmup=1",
+             "bench.rounds=1"]
+    recipe = load_recipe(name)
+    if any(s.stage == "ptq" for s in recipe.stages):
+        short += ["stages.ptq.calib_batches=2", "stages.ptq.compare=[max,percentile]"]
+    args = [a for s in [*TINY_RUN[:-2], "model.weights=null", *short] for a in ("--set", s)]
+    proc = run_cli("compress", name, "--data", str(imagenet_like), "--out", str(tmp_path / "runs"), "--device", "cpu",
+                   *args, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert (tmp_path / "runs" / name / "export" / "model.int8.onnx").is_file()
+    assert (tmp_path / "runs" / name / "report.json").is_file()
