@@ -67,12 +67,27 @@ def calibration(info) -> dict:
             "skipped_layers": ctx.metrics.get("skipped_layers")}
 
 
-CHECKS = {"collectives": collectives, "calibration": calibration}
+def nccl_info():
+    """Under torchrun on CUDA: NCCL, one GPU per process. With one process torchrun makes no group, so
+    one is made here: NCCL then runs for real (a CPU tensor fails even at world size 1)."""
+    import torch.distributed as dist
+
+    from edgecv.train.distributed import DistInfo
+
+    info = init_distributed("cuda")
+    if not info.enabled:
+        torch.cuda.set_device(0)
+        dist.init_process_group("nccl", device_id=torch.device("cuda:0"))
+        info = DistInfo(0, 1, 0, "nccl", "cuda:0")
+    return info
+
+
+CHECKS = {"collectives": collectives, "calibration": calibration, "nccl_collectives": collectives}
 
 
 def main() -> None:
     check, out = sys.argv[1], Path(sys.argv[2])
-    info = init_distributed("cpu")
+    info = nccl_info() if check.startswith("nccl") else init_distributed("cpu")
     result = CHECKS[check](info)
     (out / f"{check}-rank{info.rank}.json").write_text(json.dumps({"rank": info.rank, "world": info.world_size,
                                                                    "backend": info.backend, **result}))
