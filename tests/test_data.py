@@ -270,3 +270,19 @@ def test_val_relay_mistakes(tmp_path):
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error: --csv") and "Traceback" not in proc.stderr
     no_scipy = _run_tool(flat, tmp_path / "out3", "--devkit", devkit)
     assert no_scipy.returncode in (0, 2) and "Traceback" not in no_scipy.stderr
+
+
+def test_a_bad_file_met_when_only_evaluating_is_logged_too(tmp_path):
+    """Recipes that start from pretrained weights evaluate the baseline without training (epochs 0)."""
+    from nets import no_batchnorm
+
+    from edgecv.train.config import TrainConfig
+    from edgecv.train.loop import fit
+
+    root = make_image_folder(tmp_path / "img", per_class=2, size=(16, 16))
+    bad = truncate(root / "val" / "cat" / "cat_1.JPEG", keep=0.3)
+    data = build_data(DataConfig(dataset="imagefolder", image_size=8, eval_batch_size=4), str(root))
+    result = fit(no_batchnorm(3), data.train, data.val, TrainConfig(epochs=0), log_path=tmp_path / "log.jsonl")
+    events = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [(e["event"], e["path"], e["epoch"]) for e in events] == [("skipped_image", str(bad), 0)]
+    assert result["epochs"] == 0

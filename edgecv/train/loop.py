@@ -367,7 +367,8 @@ def fit(
                         save_state(s, state_path, epoch + 1, history)
             if metrics is None:  # zero epochs: just measure
                 val = evaluate_model(model, val_loader, device, progress, f"{label} eval", dist if dist.enabled else None)
-                metrics = {"epoch": 0, "top1": round(val["top1"], 3), "top5": round(val["top5"], 3)}
+                metrics = {"epoch": 0, "top1": round(val["top1"], 3), "top5": round(val["top5"], 3),
+                           "skipped_images": log_skipped(s, (val_loader,), label, -1, log_path)}
         success = True
     finally:
         finish_session(s, success)
