@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -35,27 +36,29 @@ def test_gpu_check_without_torch_ends_with_one_line(tmp_path):
     assert proc.returncode == 3 and len(lines) == 1 and "torch is not installed" in lines[0], proc.stderr
 
 
-def _throughput(tmp_path) -> dict:
-    path = tmp_path / "train_resnet18_eager.json"
+@pytest.fixture(scope="module")
+def throughput_file(tmp_path_factory):
+    """One CPU run of the benchmark, shared by the tests below."""
+    path = tmp_path_factory.mktemp("bench") / "train_resnet18_eager.json"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_throughput.py"), "--model", "resnet18",
                            "--batch", "2", "--image-size", "32", "--steps", "2", "--warmup", "1", "--device", "cpu",
                            "--json", str(path)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout) == json.loads(path.read_text())
-    return json.loads(path.read_text())
+    return path
 
 
-def test_training_throughput_benchmark_runs_edgecvs_step_on_the_cpu(tmp_path):
-    row = _throughput(tmp_path)
+def test_training_throughput_benchmark_runs_edgecvs_step_on_the_cpu(throughput_file):
+    row = json.loads(throughput_file.read_text())
     assert row["model"] == "resnet18" and row["images_per_s"] > 0 and row["steps"] == 2
     assert row["amp"] == "none (CPU)" and row["channels_last"] and "gpu_mem_mb" not in row
 
 
-def test_summary_collects_every_section(tmp_path):
+def test_summary_collects_every_section(tmp_path, throughput_file):
     """The summary of a run where tests passed and failed, one throughput run finished, one timed out,
     two were cut by the time budget, and the quick start finished."""
     out = tmp_path
-    _throughput(out)
+    shutil.copy(throughput_file, out / throughput_file.name)
     tests = out / "t"
     tests.mkdir()
     (tests / "test_x.py").write_text("import pytest\ndef test_ok(): pass\ndef test_bad(): assert 0\n"
