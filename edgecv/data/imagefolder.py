@@ -244,7 +244,7 @@ def build_imagefolder(cfg: DataConfig, root: str | None, seed: int = 0, rank: in
     val_ds = ImageFiles(val_samples, None if raw else val_transform(cfg), replace=False, raw=raw)
     calib_ds = ImageFiles(train_samples, val_transform(cfg), replace=True)
     settings = loader_settings(cfg, device)
-    one_off = {**settings, "persistent_workers": False}  # calibration reads a few batches once
+    one_off = {k: v for k, v in settings.items() if k != "persistent_workers"}  # calibration: a few batches, once
     # equal, padded shards: every rank runs the same number of steps. One process uses the same sampler,
     # so its order is the one a group of ranks shares out (same global batches at any world size).
     sampler = DistributedSampler(train_ds, world_size, rank, shuffle=True, seed=seed)
@@ -254,8 +254,7 @@ def build_imagefolder(cfg: DataConfig, root: str | None, seed: int = 0, rank: in
     val_shard = val if world_size == 1 else _loader(
         val_ds, cfg.eval_batch_size, StridedSampler(len(val_ds), rank, world_size), settings, decode=decode_val)
     calib_order = torch.Generator().manual_seed(seed + 1)
-    calib = _loader(calib_ds, cfg.batch_size, torch.utils.data.RandomSampler(calib_ds, generator=calib_order),
-                    {k: v for k, v in one_off.items() if k != "persistent_workers" or v})
+    calib = _loader(calib_ds, cfg.batch_size, torch.utils.data.RandomSampler(calib_ds, generator=calib_order), one_off)
     mean, std = normalization(cfg)
     return DataBundle("imagefolder", train, val, len(classes), 3, cfg.image_size, classes, calib, str(base),
                       mean, std, val_shard=val_shard)
