@@ -19,17 +19,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from edgecv.checkpoint import load_model, save_model
+from edgecv.checkpoint import save_model
 from edgecv.compress.quantize import is_quantized
 from edgecv.console import console
 from edgecv.data.datasets import DataBundle, build_data
+from edgecv.data.transforms import with_weights_preprocessing
 from edgecv.device import resolve_device
 from edgecv.errors import EdgecvError
 from edgecv.io import atomic_write_text, write_json
 from edgecv.models.spec import ModelSpec
 from edgecv.recipe import Recipe, dump_recipe
 from edgecv.stages import STAGES, StageContext
-from edgecv.train.distributed import DistInfo, barrier, init_distributed
+from edgecv.stages.base import load_model_from_main
+from edgecv.train.distributed import DistInfo, barrier, broadcast_object, init_distributed
 
 MANIFEST = "manifest.json"
 
@@ -57,11 +59,18 @@ class Pipeline:
     """Run a recipe into `out/<recipe name>/`."""
 
     def __init__(self, recipe: Recipe, out: Path, device: str = "auto", data_root: str | None = None) -> None:
-        self.recipe = recipe
+        # a model that starts from torchvision weights is fed as those weights were trained (resize,
+        # interpolation, mean/std), unless the recipe says otherwise; the resolved recipe records it
+        data = with_weights_preprocessing(recipe.data, recipe.model.name, recipe.model.weights)
+        self.recipe = recipe if data is recipe.data else recipe.model_copy(update={"data": data})
         self.device = resolve_device(device)
         # Denormal floats (tiny weights and activations late in training) slow CPU kernels up to 10x.
         torch.set_flush_denormal(True)
         self.dist: DistInfo = init_distributed(self.device)
+        if self.dist.backend == "nccl":
+            self.device = self.dist.device  # this process's own GPU (cuda:LOCAL_RANK)
+        if not self.dist.is_main:
+            console.quiet = True  # one report of progress, from rank 0; errors still go to stderr
         self.data_root = data_root
         self.run_dir = Path(out) / recipe.name
         self.manifest_path = self.run_dir / MANIFEST
@@ -102,9 +111,10 @@ class Pipeline:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.run_dir / "recipe.resolved.yaml", dump_recipe(self.recipe))
         data = build_data(self.recipe.data, self.data_root, seed=self.recipe.seed, rank=self.dist.rank,
-                          world_size=self.dist.world_size)
+                          world_size=self.dist.world_size, device=self.device)
         spec = model_spec(self.recipe, data)
-        old = {e["dir"]: e for e in self._read_manifest().get("stages", [])}
+        manifest = broadcast_object(self._read_manifest() if self.dist.is_main else None, self.dist)
+        old = {e["dir"]: e for e in manifest.get("stages", [])}
         state = RunState(previous=self.recipe.fingerprint(spec.to_dict(), self.recipe.data.model_dump(),
                                                           self.recipe.seed))
         stages = self.stage_list("train" if only_train else None)
@@ -132,7 +142,8 @@ class Pipeline:
         fingerprint = self.recipe.fingerprint(state.previous, name, cfg.model_dump(mode="json"))
         state.previous = fingerprint
         entry = old.get(stage_dir.name)
-        if _finished(entry, fingerprint, stage_dir, name):
+        finished = _finished(entry, fingerprint, stage_dir, name) if self.dist.is_main else None
+        if broadcast_object(finished, self.dist):  # rank 0 looks at the files
             console.print(f"[green]✓[/] {stage_dir.name}: finished earlier, skipped")
             state.entries.append(entry)
             if name != "export":
@@ -144,7 +155,8 @@ class Pipeline:
         if entry is not None and entry.get("fingerprint") != fingerprint and stage_dir.exists() and self.dist.is_main:
             shutil.rmtree(stage_dir)  # its config or an earlier stage changed: start it over
         if state.model is None and index > 0:
-            state.model = load_model(state.outputs.get(stages[index - 1][0]) or next(reversed(state.outputs.values())))[0]
+            previous = state.outputs.get(stages[index - 1][0]) or next(reversed(state.outputs.values()))
+            state.model = load_model_from_main(previous, self.dist)
         if self.dist.is_main:
             stage_dir.mkdir(parents=True, exist_ok=True)
         barrier(self.dist)

@@ -85,6 +85,16 @@ def test_image_folder_without_torch_gives_the_torch_batches(image_folder):
     batches_equal(build_data(limited, str(image_folder)).val, numpy_val(limited, str(image_folder)))
 
 
+def test_image_folder_without_torch_follows_the_recipes_preprocessing(image_folder):
+    """A pretrained recipe's preprocessing (another resize, bicubic, the weights' mean/std) reaches the
+    device-side reader too: its batches are still the torch path's."""
+    cfg = DataConfig(dataset="imagefolder", image_size=32, eval_batch_size=6, resize_size=40,
+                     interpolation="bicubic", mean=[0.5, 0.4, 0.3], std=[0.2, 0.25, 0.3])
+    ours = numpy_val(cfg, str(image_folder))
+    assert ours.resize == 40 and ours.mean == (0.5, 0.4, 0.3)
+    batches_equal(build_data(cfg, str(image_folder)).val, ours)
+
+
 def test_unreadable_images_are_skipped(image_folder, tmp_path):
     import shutil
 

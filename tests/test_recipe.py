@@ -29,7 +29,8 @@ def test_bundled_recipes_validate_and_round_trip(name):
 def test_bundled_recipes_include_quickstart_and_imagenet():
     names = list_recipes()
     assert "quickstart" in names
-    assert {"imagenet-resnet18", "imagenet-mobilenetv2"} <= set(names)
+    models = ("resnet18", "resnet50", "mobilenetv2", "mobilenetv3-large", "efficientnet-b0")
+    assert {f"imagenet-{m}{v}" for m in models for v in ("", "-pretrained")} <= set(names)
 
 
 @pytest.mark.parametrize(
@@ -44,7 +45,7 @@ def test_bundled_recipes_include_quickstart_and_imagenet():
         ({**BASE, "stages": [{"prune": {"ratio": 1.5}}]}, "stages[0].prune.ratio: input should be less than 1"),
         ({**BASE, "stages": [{"prune": {"ratio": 0}}]}, "stages[0].prune.ratio: input should be greater than 0"),
         ({**BASE, "stages": [{"prune": {}}]}, "exactly one of 'ratio' or 'target_macs'"),
-        ({**BASE, "train": {"optimizer": "adam"}}, "train.optimizer: input should be 'sgd' or 'adamw' (got 'adam')"),
+        ({**BASE, "train": {"optimizer": "adam"}}, "train.optimizer: input should be 'sgd', 'adamw' or 'rmsprop' (got 'adam')"),
         ({**BASE, "train": {"epochs": "many"}}, "train.epochs: input should be a valid integer"),
         ({**BASE, "stages": [{"qat": {"target": "tflite"}}]},
          "stages[0].qat.target: unknown quantization target 'tflite'; choose from: onnxruntime, tensorrt"),

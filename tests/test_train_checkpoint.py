@@ -132,15 +132,14 @@ def test_checkpoints_hold_no_pickled_code(tmp_path):
 
 def test_torchrun_ddp_trains_on_two_cpu_processes(tmp_path):
     import yaml
+    from torchrun import torchrun
 
     recipe = {**TINY, "name": "ddp", "train": {**TINY["train"], "epochs": 1}, "stages": []}
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", "-m", "edgecv",
-         "train", str(path), "--out", str(tmp_path / "runs"), "--device", "cpu"],
-        capture_output=True, text=True, timeout=300,
-    )
+    proc = torchrun(2, "-m", "edgecv", "train", str(path), "--out", str(tmp_path / "runs"), "--device", "cpu",
+                    timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "runs" / "ddp" / "00-train" / "model.pt").is_file()
     assert proc.stdout.count("train epoch 1/1") == 1  # only rank 0 reports and writes
+    assert proc.stdout.count(" 00-train ─") == 1  # the stage heading once: the other rank's console is quiet

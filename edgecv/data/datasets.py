@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import inspect
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -11,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from edgecv.data.config import DataConfig, option
+from edgecv.data.config import IMAGEFOLDER_OPTIONS, DataConfig, option
 from edgecv.errors import EdgecvError
 from edgecv.registry import Registry
 
@@ -21,8 +22,6 @@ if TYPE_CHECKING:
 # torch is imported inside the functions that use it: the device-side commands import this package
 # (dataset names, Fashion-MNIST files) on machines without torch.
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 FASHION_MNIST_DEBIAN = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
@@ -48,6 +47,12 @@ class DataBundle:
     source: str = ""
     mean: tuple[float, ...] = ()  # per-channel normalization of pixel values in [0, 1]
     std: tuple[float, ...] = ()
+    val_shard: Iterable | None = None  # this rank's part of `val` (distributed evaluation); None: all of it
+
+    @property
+    def eval_part(self) -> Iterable:
+        """What this rank evaluates when the ranks share the validation set (all of it for one process)."""
+        return self.val_shard if self.val_shard is not None else self.val
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -92,9 +97,13 @@ def dataset(name: str, options: tuple[str, ...] = ()) -> Callable[[DatasetFactor
     return register
 
 
-def build_data(cfg: DataConfig, root: str | None = None, seed: int = 0, rank: int = 0, world_size: int = 1) -> DataBundle:
-    """Build the dataset named by `cfg.dataset`; `root` (from --data) overrides `cfg.root`."""
-    return DATASETS.get(cfg.dataset)(cfg, root or cfg.root, seed=seed, rank=rank, world_size=world_size)
+def build_data(cfg: DataConfig, root: str | None = None, seed: int = 0, rank: int = 0, world_size: int = 1,
+               device: str = "cpu") -> DataBundle:
+    """Build the dataset named by `cfg.dataset`; `root` (from --data) overrides `cfg.root`. `rank` and
+    `world_size` shard the training data; `device` is where training runs (pinned memory, GPU decoding)."""
+    factory = DATASETS.get(cfg.dataset)
+    extra = {"device": device} if "device" in inspect.signature(factory).parameters else {}
+    return factory(cfg, root or cfg.root, seed=seed, rank=rank, world_size=world_size, **extra)
 
 
 # --------------------------------------------------------------------------- fashion-mnist
@@ -194,11 +203,14 @@ def _tensor_bundle(name, cfg, arrays, mean, std, seed, rank, world_size, class_n
     tr_x, tr_y = _subset(*arrays["train"], cfg.limit_train)
     va_x, va_y = _subset(*arrays["val"], cfg.limit_val)
     train = TensorLoader(tr_x, tr_y, cfg.batch_size, mean, std, shuffle=True, augment=cfg.augment,
-                         seed=seed, rank=rank, world_size=world_size, drop_last=len(tr_y) > cfg.batch_size)
+                         seed=seed, rank=rank, world_size=world_size,
+                         drop_last=len(tr_y) // world_size > cfg.batch_size)
     calib = TensorLoader(tr_x, tr_y, cfg.batch_size, mean, std, shuffle=True, seed=seed + 1)
     val = TensorLoader(va_x, va_y, cfg.eval_batch_size, mean, std)
+    val_shard = None if world_size == 1 else TensorLoader(va_x, va_y, cfg.eval_batch_size, mean, std, rank=rank,
+                                                          world_size=world_size, equal_shards=False)
     return DataBundle(name, train, val, len(class_names), tr_x.shape[1], tr_x.shape[-1], class_names, calib, source,
-                      tuple(mean), tuple(std))
+                      tuple(mean), tuple(std), val_shard)
 
 
 # --------------------------------------------------------------------------- synthetic
@@ -235,67 +247,13 @@ def synthetic(cfg: DataConfig, root: str | None, seed: int = 0, rank: int = 0, w
 # --------------------------------------------------------------------------- imagefolder
 
 
-def imagenet_transforms(image_size: int, train: bool):
-    from torchvision import transforms as T
+@dataset("imagefolder", options=IMAGEFOLDER_OPTIONS)
+def imagefolder(cfg: DataConfig, root: str | None, seed: int = 0, rank: int = 0, world_size: int = 1,
+                device: str = "cpu") -> DataBundle:
+    """ImageNet layout: `root/train/<class>/*.JPEG`, `root/val/<class>/*.JPEG` (see edgecv.data.imagefolder)."""
+    from edgecv.data.imagefolder import build_imagefolder
 
-    if train:
-        return T.Compose([
-            T.RandomResizedCrop(image_size, antialias=True),
-            T.RandomHorizontalFlip(),
-            T.ToTensor(),
-            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        ])
-    resize = int(round(image_size / 0.875))
-    return T.Compose([
-        T.Resize(resize, antialias=True),
-        T.CenterCrop(image_size),
-        T.ToTensor(),
-        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
-
-
-@dataset("imagefolder", options=("workers",))
-def imagefolder(cfg: DataConfig, root: str | None, seed: int = 0, rank: int = 0, world_size: int = 1) -> DataBundle:
-    """ImageNet layout: `root/train/<class>/*.JPEG`, `root/val/<class>/*.JPEG`."""
-    import torch
-    from torch.utils.data import DataLoader, Subset
-    from torch.utils.data.distributed import DistributedSampler
-    from torchvision.datasets import ImageFolder
-
-    if not root:
-        raise EdgecvError("data.root: the imagefolder dataset needs a folder (set data.root or pass --data DIR)")
-    base = Path(root).expanduser()
-    if not base.is_dir():
-        raise EdgecvError(f"data folder {str(base)!r} does not exist")
-    splits = {}
-    for split in ("train", "val"):
-        folder = base / split
-        if not folder.is_dir():
-            raise EdgecvError(f"data folder {str(base)!r} has no '{split}/' subfolder (expected {split}/<class>/*.JPEG)")
-        try:
-            splits[split] = ImageFolder(str(folder), transform=imagenet_transforms(cfg.image_size, split == "train" and cfg.augment))
-        except (FileNotFoundError, RuntimeError) as exc:
-            raise EdgecvError(f"{folder}: {exc}") from None
-    if splits["train"].classes != splits["val"].classes:
-        raise EdgecvError(f"{base}: train/ and val/ have different class folders")
-    calib_ds = ImageFolder(str(base / "train"), transform=imagenet_transforms(cfg.image_size, False))
-    train_ds, val_ds = splits["train"], splits["val"]
-    if cfg.limit_train:
-        idx = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(seed))[: cfg.limit_train]
-        train_ds, calib_ds = Subset(train_ds, idx.tolist()), Subset(calib_ds, idx.tolist())
-    if cfg.limit_val:
-        val_ds = Subset(val_ds, list(range(min(cfg.limit_val, len(val_ds)))))
-    sampler = DistributedSampler(train_ds, world_size, rank, shuffle=True, seed=seed) if world_size > 1 else None
-    g = torch.Generator().manual_seed(seed)
-    workers = option(cfg.workers, 0)
-    common = {"num_workers": workers, "persistent_workers": workers > 0}
-    train = DataLoader(train_ds, cfg.batch_size, shuffle=sampler is None, sampler=sampler, generator=g,
-                       drop_last=len(train_ds) > cfg.batch_size, **common)
-    calib = DataLoader(calib_ds, cfg.batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed + 1), **common)
-    val = DataLoader(val_ds, cfg.eval_batch_size, shuffle=False, **common)
-    classes = splits["train"].classes
-    return DataBundle("imagefolder", train, val, len(classes), 3, cfg.image_size, classes, calib, str(base),
-                      IMAGENET_MEAN, IMAGENET_STD)
+    return build_imagefolder(cfg, root, seed, rank, world_size, device)
 
 
 __all__ = ["DATASETS", "DataBundle", "build_data", "synthetic_arrays"]  # LimitedLoader: edgecv.data.loaders (torch)

@@ -9,6 +9,26 @@ import torch
 import torch.nn.functional as F
 
 
+def shard_size(n: int, world_size: int, pad: bool) -> int:
+    """Samples per rank when `n` samples are split over `world_size` ranks into equal shards."""
+    return -(-n // world_size) if pad else n // world_size
+
+
+def shard(indices: torch.Tensor, rank: int, world_size: int, pad: bool) -> torch.Tensor:
+    """Rank `rank`'s share of `indices`, of the same size on every rank as DistributedSampler makes
+    them: the list is padded by repeating its start (`pad`) or cut (not `pad`) to a multiple of the
+    world size, then strided. Unequal shards give ranks different step counts, and DDP then waits
+    forever for the rank that stopped."""
+    if world_size == 1:
+        return indices
+    n = len(indices)
+    total = shard_size(n, world_size, pad) * world_size
+    if total > n:
+        repeats = -(-total // n)
+        indices = indices.repeat(repeats)
+    return indices[:total][rank::world_size]
+
+
 class TensorLoader:
     """Iterate (images, labels) batches of an in-memory uint8 tensor, normalized, optionally augmented
     (random crop with padding + horizontal flip). Shuffling is seeded by (seed, epoch); with
@@ -28,6 +48,7 @@ class TensorLoader:
         rank: int = 0,
         world_size: int = 1,
         drop_last: bool = False,
+        equal_shards: bool = True,  # False: plain [rank::world] shares (evaluation counts each sample once)
     ) -> None:
         self.images, self.labels = images, labels
         self.batch_size = batch_size
@@ -37,6 +58,7 @@ class TensorLoader:
         self.seed, self.epoch = seed, 0
         self.rank, self.world_size = rank, world_size
         self.drop_last = drop_last
+        self.equal_shards = equal_shards
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -48,15 +70,20 @@ class TensorLoader:
             idx = torch.randperm(n, generator=g)
         else:
             idx = torch.arange(n)
-        return idx[self.rank :: self.world_size]
+        if not self.equal_shards:
+            return idx[self.rank :: self.world_size]
+        return shard(idx, self.rank, self.world_size, pad=not self.drop_last)
 
     def __len__(self) -> int:
-        n = len(range(self.rank, len(self.labels), self.world_size))
+        n = self.num_samples
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     @property
     def num_samples(self) -> int:
-        return len(range(self.rank, len(self.labels), self.world_size))
+        """Samples of this rank's shard per epoch (the same on every rank with equal shards)."""
+        if not self.equal_shards:
+            return len(range(self.rank, len(self.labels), self.world_size))
+        return shard_size(len(self.labels), self.world_size, pad=not self.drop_last)
 
     def _augment(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         n, _, h, w = x.shape

@@ -37,6 +37,8 @@ class NumpyVal:
     class_names: list[str] = field(default_factory=list)
     files: list[str] = field(default_factory=list)  # ImageFolder: one path per label
     image_size: int = 0
+    resize: int = 0  # ImageFolder: the shorter side before the centre crop (data.resize_size)
+    interpolation: str = "bilinear"
     skipped: list[str] = field(default_factory=list)  # files PIL could not read (left out of the batches)
 
     def __len__(self) -> int:
@@ -59,7 +61,7 @@ class NumpyVal:
     def _read_files(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         pixels, labels = [], []
         for path, label in zip(self.files[start:stop], self.labels[start:stop], strict=True):
-            image = read_eval_image(path, self.image_size)
+            image = read_eval_image(path, self.image_size, self.resize, self.interpolation)
             if image is None:
                 self.skipped.append(path)
                 continue
@@ -162,20 +164,22 @@ def resized_size(width: int, height: int, short: int) -> tuple[int, int]:
     return int(short * width / height), short
 
 
-def read_eval_image(path: str, image_size: int) -> np.ndarray | None:
+def read_eval_image(path: str, image_size: int, resize: int = 0, interpolation: str = "bilinear") -> np.ndarray | None:
     """One image as torchvision's evaluation transform sees it before ToTensor (3 x size x size uint8):
-    RGB, shorter side resized (bilinear) to round(image_size / 0.875), centre crop. None if PIL cannot
-    read the file."""
+    RGB, shorter side resized to `resize` (default round(image_size / 0.875)) with `interpolation`,
+    centre crop. None if PIL cannot read the file."""
     from PIL import Image, UnidentifiedImageError
+
+    resample = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}[interpolation.lower()]
 
     try:
         with Image.open(path) as img:
             img = img.convert("RGB")
     except (OSError, UnidentifiedImageError, ValueError):
         return None
-    new_w, new_h = resized_size(img.width, img.height, int(round(image_size / 0.875)))
+    new_w, new_h = resized_size(img.width, img.height, resize or int(round(image_size / 0.875)))
     if (new_w, new_h) != (img.width, img.height):
-        img = img.resize((new_w, new_h), Image.BILINEAR)
+        img = img.resize((new_w, new_h), resample)
     if img.width < image_size or img.height < image_size:  # torchvision pads a too-small image with zeros
         canvas = Image.new("RGB", (max(img.width, image_size), max(img.height, image_size)))
         canvas.paste(img, ((canvas.width - img.width) // 2, (canvas.height - img.height) // 2))
@@ -187,7 +191,7 @@ def read_eval_image(path: str, image_size: int) -> np.ndarray | None:
 
 
 def _imagefolder(cfg: DataConfig, root: str | None) -> NumpyVal:
-    from edgecv.data.datasets import IMAGENET_MEAN, IMAGENET_STD
+    from edgecv.data.transforms import normalization, resize_size
 
     if not root:
         raise EdgecvError("data.root: the imagefolder dataset needs a folder (set data.root or pass --data DIR)")
@@ -198,4 +202,5 @@ def _imagefolder(cfg: DataConfig, root: str | None) -> NumpyVal:
     if cfg.limit_val:
         files, labels = files[: cfg.limit_val], labels[: cfg.limit_val]
     return NumpyVal("imagefolder", None, np.asarray(labels, dtype=np.int64), cfg.eval_batch_size,
-                    IMAGENET_MEAN, IMAGENET_STD, classes, files, cfg.image_size)
+                    *normalization(cfg), classes, files, cfg.image_size, resize=resize_size(cfg),
+                    interpolation=cfg.interpolation or "bilinear")

@@ -14,6 +14,7 @@ from torch import nn
 from edgecv.errors import EdgecvError
 from edgecv.models.adapt import adapt_model
 from edgecv.models.small import resnet8, resnet20
+from edgecv.models.weights import ensure_cached
 from edgecv.registry import Registry
 
 EDGECV_MODELS: Registry[Callable[..., nn.Module]] = Registry("edgecv model")
@@ -71,6 +72,8 @@ def build_model(
             hint = f" (did you mean 'torchvision:{close[0]}'?)" if close else ""
             raise EdgecvError(f"model.name: torchvision has no classification model {rest!r}{hint}")
         try:
+            if weights:
+                ensure_cached(rest, weights)  # downloaded, or one line naming the file the cache lacks
             model = torchvision.models.get_model(rest, weights=weights)
         except (ValueError, KeyError) as exc:
             raise EdgecvError(f"model.weights {weights!r} is not valid for {rest}: {exc}") from None

@@ -52,14 +52,25 @@ class StageContext:
     def load(self, stage_or_path: str) -> nn.Module:
         """A finished stage's model ('baseline' is the trained baseline, 'parent' the last float model) or
         a checkpoint file."""
-        from edgecv.checkpoint import load_model
-
         key = "train" if stage_or_path == "baseline" else stage_or_path
         if key == "parent":
             if self.float_parent is None:
                 raise EdgecvError("distill.teacher 'parent': no float model precedes this stage")
-            return load_model(self.float_parent)[0]
-        return load_model(self.outputs.get(key) or Path(stage_or_path))[0]
+            return load_model_from_main(self.float_parent, self.dist)
+        return load_model_from_main(self.outputs.get(key) or Path(stage_or_path), self.dist)
+
+
+def load_model_from_main(path: Path, dist: DistInfo | None) -> nn.Module:
+    """`load_model(path)`, with the file read by rank 0 only and sent to the others under torchrun (the
+    nodes of a multi-node job need not share the run dir)."""
+    from edgecv.checkpoint import load_model, model_from_checkpoint, read_checkpoint
+
+    if dist is None or not dist.enabled:
+        return load_model(path)[0]
+    from edgecv.train.distributed import broadcast_object
+
+    ckpt = broadcast_object(read_checkpoint(path) if dist.is_main else None, dist)
+    return model_from_checkpoint(ckpt, path)[0]
 
 
 StageFn = Callable[["nn.Module | None", StageConfig, StageContext], "nn.Module"]

@@ -142,6 +142,8 @@ def _retargeted_file(model: nn.Module, target: str, out: Path, cfg: ExportConfig
 def export_stage(model: nn.Module, cfg: ExportConfig, ctx: StageContext) -> nn.Module:
     from edgecv.checkpoint import load_model
 
+    if ctx.dist is not None and not ctx.dist.is_main:
+        return model  # under torchrun rank 0 writes the files; the others have nothing to do
     out = ctx.run_dir / "export"
     out.mkdir(parents=True, exist_ok=True)
     samples = ctx.data.val_samples(cfg.parity_samples)

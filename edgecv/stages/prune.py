@@ -25,7 +25,8 @@ def prune_stage(model: nn.Module, cfg: PruneStageConfig, ctx: StageContext) -> n
             if len(batches) >= (cfg.taylor_batches or TAYLOR_BATCHES):
                 break
     pruned, info = prune_model(model.cpu(), cfg, ctx.spec.example_input(), batches)
-    acc = evaluate_model(pruned, ctx.data.val, ctx.device)
+    shared = ctx.dist if ctx.dist is not None and ctx.dist.enabled else None
+    acc = evaluate_model(pruned, ctx.data.eval_part if shared else ctx.data.val, ctx.device, dist_info=shared)
     ctx.metrics.update(info, top1=acc["top1"], top5=acc["top5"])
     console.print(
         f"pruned at ratio {info['ratio']}: MACs {info['macs_before']:,} -> {info['macs_after']:,} "

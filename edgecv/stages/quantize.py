@@ -22,6 +22,7 @@ from edgecv.io import write_json
 from edgecv.stages.base import StageConfig, StageContext, stage
 from edgecv.stages.train import distillation, run_fit
 from edgecv.train.config import TrainOverrides
+from edgecv.train.distributed import DistInfo, broadcast_module_state, broadcast_object
 
 Target = registry_choice(lambda: Q.PROFILES)
 CalibratorName = registry_choice(lambda: Q.CALIBRATORS)
@@ -98,21 +99,37 @@ def sensitivity_rows(model: nn.Module, target: str, data: DataBundle, example_in
     return Q.layer_sensitivity(model.cpu().eval(), target, example_input, calib, evals, metric=metric)
 
 
+def _dist(ctx: StageContext) -> DistInfo:
+    return ctx.dist or DistInfo()
+
+
 def _prepare(model: nn.Module, cfg: QuantConfig, ctx: StageContext, freeze_bn: bool = True):
-    """The fake-quant model (layers to skip resolved, `auto:N` by sensitivity) and its calibration stats."""
+    """The fake-quant model (layers to skip resolved, `auto:N` by sensitivity) and its calibration stats.
+    Under torchrun rank 0 alone measures sensitivity and calibrates (the stats are None elsewhere): it
+    sets the ranges and `share_ranges` sends them, so every rank quantizes identically."""
+    dist = _dist(ctx)
     sens = None
     if isinstance(cfg.skip_layers, str):
-        sens = sensitivity_rows(model, cfg.target, ctx.data, ctx.spec.example_input())
+        rows = sensitivity_rows(model, cfg.target, ctx.data, ctx.spec.example_input()) if dist.is_main else None
+        sens = broadcast_object(rows, dist)
         ctx.metrics["sensitivity"] = sens
-        write_json(ctx.stage_dir / "sensitivity.json", sens)
+        if dist.is_main:
+            write_json(ctx.stage_dir / "sensitivity.json", sens)
     skip = Q.resolve_skip_layers(cfg.skip_layers, sens)
     qmodel = Q.prepare_qat(model.cpu().eval(), cfg.target, ctx.spec.example_input(), skip_layers=skip,
                            freeze_bn=freeze_bn)
-    with torch.no_grad():
-        stats = Q.collect_stats(qmodel, ctx.data.calibration_batches(cfg.calib_batches))
+    stats = None
+    if dist.is_main:
+        with torch.no_grad():
+            stats = Q.collect_stats(qmodel, ctx.data.calibration_batches(cfg.calib_batches))
     if skip:
         ctx.metrics["skipped_layers"] = skip
     return qmodel, stats
+
+
+def share_ranges(qmodel: nn.Module, ctx: StageContext) -> None:
+    """Rank 0's quantization ranges (and every other parameter and buffer) on every rank."""
+    broadcast_module_state(qmodel, _dist(ctx))
 
 
 def onnx_accuracy(qmodel: nn.Module, ctx: StageContext) -> dict:
@@ -131,6 +148,14 @@ def ptq_stage(model: nn.Module, cfg: PTQConfig, ctx: StageContext) -> nn.Module:
     if Q.is_quantized(model):
         raise EdgecvError("stages: 'ptq' needs a float model, but the previous stage already quantized it")
     qmodel, stats = _prepare(model, cfg, ctx)
+    if _dist(ctx).is_main:
+        _compare_calibrators(qmodel, stats, cfg, ctx)
+    share_ranges(qmodel, ctx)  # the ranges, and the quantizers' on/off switches (buffers), from rank 0
+    return qmodel
+
+
+def _compare_calibrators(qmodel: nn.Module, stats: Q.CalibStats, cfg: PTQConfig, ctx: StageContext) -> None:
+    """Measure each calibrator's INT8 accuracy in ONNX Runtime; keep the best (or the one asked for)."""
     results = []
     for method in dict.fromkeys([*cfg.compare, cfg.calibrator] if cfg.calibrator != "best" else cfg.compare):
         Q.apply_calibrator(qmodel, stats, method, **cfg.calibrator_options(method))
@@ -142,7 +167,6 @@ def ptq_stage(model: nn.Module, cfg: PTQConfig, ctx: StageContext) -> nn.Module:
     chosen = next(r for r in results if r["calibrator"] == best)
     ctx.metrics.update(calibrators=results, calibrator=best, top1=chosen["top1"], top5=chosen["top5"],
                        target=cfg.target, accuracy_backend="onnxruntime")
-    return qmodel
 
 
 def _qat_model(model: nn.Module, cfg: QATConfig, ctx: StageContext) -> tuple[nn.Module, int | None]:
@@ -155,7 +179,9 @@ def _qat_model(model: nn.Module, cfg: QATConfig, ctx: StageContext) -> tuple[nn.
         return model, None  # continue from the PTQ stage's calibrated ranges (BatchNorm already folded)
     freeze_epoch = cfg.freeze_bn_epoch
     qmodel, stats = _prepare(model, cfg, ctx, freeze_bn=freeze_epoch in (None, 0))
-    Q.apply_calibrator(qmodel, stats, cfg.calibrator, **cfg.calibrator_options(cfg.calibrator))
+    if stats is not None:
+        Q.apply_calibrator(qmodel, stats, cfg.calibrator, **cfg.calibrator_options(cfg.calibrator))
+    share_ranges(qmodel, ctx)
     return qmodel, freeze_epoch
 
 
@@ -175,9 +201,10 @@ def qat_stage(model: nn.Module, cfg: QATConfig, ctx: StageContext) -> nn.Module:
     qmodel = qmodel.cpu().eval()
     if freeze_epoch is not None and freeze_epoch >= cfg.epochs:
         Q.freeze_bn_stats(qmodel)
-    acc = onnx_accuracy(qmodel, ctx)
-    ctx.metrics.update(top1=round(acc["top1"], 3), top5=round(acc["top5"], 3), torch_top1=result["top1"],
-                       epochs=result["epochs"], target=cfg.target, accuracy_backend="onnxruntime")
+    if _dist(ctx).is_main:  # the others' metrics are not written anywhere
+        acc = onnx_accuracy(qmodel, ctx)
+        ctx.metrics.update(top1=round(acc["top1"], 3), top5=round(acc["top5"], 3), accuracy_backend="onnxruntime")
+    ctx.metrics.update(torch_top1=result["top1"], epochs=result["epochs"], target=cfg.target)
     if result.get("history"):
         ctx.metrics["history"] = result["history"]
     return qmodel

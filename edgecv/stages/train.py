@@ -39,8 +39,9 @@ def train_metrics(ctx: StageContext, result: dict) -> None:
 
 def run_fit(model: nn.Module, cfg: TrainConfig, ctx: StageContext, label: str, loss_fn: LossFn | None = None,
             **kwargs) -> dict:
-    """`fit` with the stage's data, device, resumable state file, log and process group."""
-    return fit(model, ctx.data.train, ctx.data.val, cfg, state_path=ctx.state_path, log_path=ctx.log_path,
+    """`fit` with the stage's data, device, resumable state file, log and process group (each rank
+    evaluates its part of the validation set)."""
+    return fit(model, ctx.data.train, ctx.data.eval_part, cfg, state_path=ctx.state_path, log_path=ctx.log_path,
                device=ctx.device, label=label, loss_fn=loss_fn, dist_info=ctx.dist, **kwargs)
 
 
