@@ -147,3 +147,21 @@ def test_device_side_commands_do_not_load_training_code(command, tmp_path):
     forbidden = [m for m in loaded if m.split(".")[1:2] in (["pipeline"], ["stages"], ["recipe"], ["run_report"])
                  or m.startswith("edgecv.train")]
     assert not forbidden, forbidden
+
+
+# A function longer than this reads as several steps: split it into named ones. One that genuinely is one
+# step (a table, a generated schema) is listed here with its reason.
+MAX_FUNCTION_LINES = 60
+LONG_ON_PURPOSE: dict[str, str] = {}
+
+
+def test_no_function_is_longer_than_sixty_lines():
+    long = []
+    for path in sorted((ROOT / "edgecv").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                lines = node.end_lineno - node.lineno + 1
+                name = f"{path.relative_to(ROOT).as_posix()}:{node.name}"
+                if lines > MAX_FUNCTION_LINES and name not in LONG_ON_PURPOSE:
+                    long.append(f"{name} ({lines} lines)")
+    assert not long, "split these into named steps, or list them in LONG_ON_PURPOSE with the reason: " + ", ".join(long)
