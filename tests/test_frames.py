@@ -410,7 +410,8 @@ def decisive(reference: np.ndarray, noise_of: np.ndarray) -> np.ndarray:
 
 
 @needs_fashion_mnist
-@pytest.mark.parametrize("rgb", [False, True], ids=["grey-zero-point-pad", "rgb-imagenet-explicit-pad"])
+@pytest.mark.parametrize("rgb", [False, pytest.param(True, marks=pytest.mark.slow)],  # rgb: 2 min; explicit
+                         ids=["grey-zero-point-pad", "rgb-imagenet-explicit-pad"])  # padding is tested fast below
 def test_frame_model_agrees_with_float_input_int8_on_fashion_mnist(rgb, tmp_path):
     """2,000 real validation images. Grey (one channel, padding through the zero point): the frame model and
     the float-input INT8 model differ only by the input rounding: top-1 agreement >= 99 % (measured 99.4-
