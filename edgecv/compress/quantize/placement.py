@@ -34,6 +34,7 @@ from edgecv.compress.quantize.fakequant import (
     fold_bn_into,
 )
 from edgecv.compress.quantize.spec import QuantSpec
+from edgecv.compress.surgery import SURGERY_META_KEY, surgery_of
 from edgecv.errors import EdgecvError
 from edgecv.models.shapes import model_shapes
 from edgecv.registry import Registry
@@ -706,6 +707,7 @@ def build_quantized(
     gm.recompile()
     gm.meta[META_KEY] = spec
     gm.meta[FLOAT_SHAPES_KEY] = model_shapes(model)  # what a checkpoint rebuilds before re-quantizing
+    gm.meta[SURGERY_META_KEY] = surgery_of(model)  # ... after applying the surgeries again
     with torch.no_grad():
         gm(example_input)  # fail here, not in the training loop, when the graph is broken
     return gm.train(was_training)
