@@ -69,6 +69,7 @@ def test_surgery_changes_every_family_that_has_the_layers(name, activation, sque
     assert surgery_of(model) == (SurgerySpec(activation, squeeze_excitation),)
     with torch.no_grad():
         assert model(spec.example_input(2)).shape == (2, 10)
+    model.train()(torch.randn(2, *spec.input_shape)).square().sum().backward()  # trains (no in-place clash)
 
 
 def test_surgery_on_a_model_without_the_layers_says_so():
@@ -146,3 +147,53 @@ def test_surgery_options_are_validated_from_the_registries():
         validate(_recipe([{"surgery": {"activation": "keep"}}]))
     with pytest.raises(EdgecvError, match="'ptq' must come after prune, surgery and finetune"):
         validate(_recipe([{"ptq": {}}, {"surgery": {}}]))
+
+
+SURGERY_RUN = {
+    "name": "surgery-run",
+    "seed": 0,
+    "data": {"dataset": "synthetic", "image_size": 16, "channels": 3, "num_classes": 4,
+             "train_size": 256, "val_size": 128, "batch_size": 64, "eval_batch_size": 128},
+    "model": {"name": "torchvision:mobilenet_v3_small"},
+    "train": {"epochs": 1, "lr": 0.05, "schedule": "onecycle", "optimizer": "sgd"},
+    "stages": [
+        {"surgery": {"activation": "relu", "squeeze_excitation": "remove"}},
+        {"finetune": {"epochs": 1, "lr": 0.01, "distill": {"teacher": "baseline"}}},
+        {"ptq": {"compare": ["max"], "calib_batches": 2}},
+        {"export": {"parity_samples": 64}},
+    ],
+    "bench": {"batch_sizes": [1], "warmup": 2, "runs": 5, "rounds": 1},
+}  # fmt: skip
+
+
+def test_surgery_recipe_end_to_end(tmp_path):
+    """surgery -> distillation from the original -> INT8 -> export in `edgecv compress`; the changed model
+    reloads in another process, and the report sets the original (float and INT8) beside the changed one."""
+    import json
+
+    from conftest import run_cli, write_recipe
+
+    recipe = write_recipe(tmp_path / "surgery.yaml", SURGERY_RUN)
+    proc = run_cli("compress", str(recipe), "--out", str(tmp_path / "runs"), "--device", "cpu")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run = tmp_path / "runs" / "surgery-run"
+    assert "surgery (hard-swish/SiLU/hard-sigmoid -> relu, squeeze-excitation: remove): 19 activations replaced" \
+        ", 9 squeeze-excitation blocks removed" in proc.stdout
+    entry = next(e for e in json.loads((run / "manifest.json").read_text())["stages"] if e["name"] == "surgery")
+    metrics = json.loads((run / entry["dir"] / "metrics.json").read_text())
+    assert entry["status"] == "done" and metrics == entry["metrics"] and 0 <= metrics["top1"] <= 100
+    assert metrics["changed"] == {"activations": 19, "squeeze_excitation": 9}
+    assert metrics["macs_after"] < metrics["macs_before"] and metrics["params_after"] < metrics["params_before"]
+    for stage_dir in (entry["dir"], "02-finetune", "03-ptq"):  # every later checkpoint rebuilds the change
+        _, header = load_model(run / stage_dir / "model.pt")
+        assert header.surgery == (SurgerySpec("relu", "remove"),)
+    proc = run_cli("eval", str(run / "02-finetune" / "model.pt"), "--json", str(tmp_path / "eval.json"))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = json.loads((run / "report.json").read_text())
+    rows = {(r["stage"], r["format"]): r for r in report["rows"]}
+    assert {("train", "onnx"), ("train", "onnx-int8"), ("finetune", "torch"), ("ptq", "onnx-int8")} <= set(rows)
+    assert rows[("train", "onnx-int8")]["note"] == "the original model before surgery"
+    assert rows[("surgery", "torch")]["deployable"] is False
+    assert any("rows of 'train' are the original model" in n for n in report["notes"])
+    summary = {(s["model"], s["baseline"]) for s in report["summary"]}
+    assert ("train/onnx-int8", "train/onnx") in summary and ("ptq/onnx-int8", "train/onnx") in summary

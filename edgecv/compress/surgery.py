@@ -17,14 +17,28 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from edgecv.errors import EdgecvError
 from edgecv.registry import Registry
 
+
+class ReLU(nn.ReLU):
+    """ReLU as clamp(x, min=0): the same values, but its gradient reads its input, not its output, as the
+    gradient of the activation it replaces did; so an in-place op after it in the model's own code (`result +=
+    input` in EfficientNetV2's FusedMBConv, MobileNetV3's in-place Dropout) cannot break training. (ReLU6 is
+    a hardtanh, whose gradient reads its input already.)"""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.onnx.is_in_onnx_export():
+            return torch.relu(x)  # exported as the Relu every runtime fuses into the conv before it
+        return torch.clamp(x, min=0.0)
+
+
 # The activation a replaced one becomes ("keep": none is replaced).
 ACTIVATIONS: Registry[Callable[[], nn.Module] | None] = Registry("surgery activation")
-ACTIVATIONS.register("relu", nn.ReLU)
+ACTIVATIONS.register("relu", ReLU)
 ACTIVATIONS.register("relu6", nn.ReLU6)
 ACTIVATIONS.register("keep", lambda: None)
 

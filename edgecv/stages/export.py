@@ -14,6 +14,7 @@ from edgecv.console import console
 from edgecv.errors import EdgecvError
 from edgecv.io import write_json
 from edgecv.stages.base import StageConfig, StageContext, stage
+from edgecv.stages.precision import shipped_precision
 
 METADATA = "metadata.json"
 
@@ -67,6 +68,9 @@ def export_stage(model: nn.Module, cfg: ExportConfig, ctx: StageContext) -> nn.M
         files["model.int8.onnx"] = _int8_file(model, out, cfg, ctx, samples)
     if cfg.tensorrt:
         files["model.engine"] = _engine(out, files, ctx)
+    precision = shipped_precision(ctx)  # INT8 against float on the target, and what ships (precision: auto)
+    if precision is not None and not quantized and precision["chosen"] == "float":
+        console.print(f"exporting the float model only: {precision['why']}")
     write_json(out / METADATA, {
         "input_name": "input",
         "output_name": "logits",
@@ -76,6 +80,7 @@ def export_stage(model: nn.Module, cfg: ExportConfig, ctx: StageContext) -> nn.M
         "data": ctx.recipe.data.model_dump(mode="json"),
         "model": ctx.spec.to_dict(),
         "files": files,
+        "precision": precision,
     })  # fmt: skip
     ctx.metrics.update(files={k: {kk: vv for kk, vv in v.items() if kk != "inspect"} for k, v in files.items()})
     for name, info in files.items():

@@ -55,10 +55,13 @@ def _leaf_types() -> tuple[type, ...]:
 
 
 class QuantTracer(fx.Tracer):
-    """torch.fx tracer that keeps stochastic depth and edgecv's quant modules as single calls."""
+    """torch.fx tracer that keeps stochastic depth, edgecv's quant modules and subclasses of torch's activation
+    modules (the surgery's ReLU) as single calls."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, _leaf_types()) or super().is_leaf_module(m, module_qualified_name)
+        return isinstance(m, (*_leaf_types(), *_ACT_MODULES, nn.ReLU, nn.Hardtanh)) or super().is_leaf_module(
+            m, module_qualified_name
+        )
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
