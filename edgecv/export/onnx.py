@@ -5,7 +5,9 @@ A fake-quant model (from prepare_qat) exports to QuantizeLinear/DequantizeLinear
 what the backend expects: constant subgraphs (range -> scale / zero point) are folded, each weight is stored
 as an int8 initializer feeding its DequantizeLinear (~4x smaller file), and for the onnxruntime target each
 Conv/Gemm bias becomes int32 + DequantizeLinear with scale = input scale * weight scale, as
-onnxruntime.quantization.quantize_static writes it, so ORT fuses DQ -> Conv -> Q into QLinearConv.
+onnxruntime.quantization.quantize_static writes it, so ORT fuses DQ -> Conv -> Q into QLinearConv; a
+dequantized tensor times a positive constant becomes one DequantizeLinear with the scale multiplied (so the
+op reading it still fuses), and Shape reads the integer tensor rather than dequantizing it.
 """
 
 from __future__ import annotations
@@ -271,8 +273,9 @@ def finalize_qdq(proto: onnx.ModelProto, int32_bias: bool) -> onnx.ModelProto:
     """Make an exported fake-quant graph an integer Q/DQ graph (see the module docstring)."""
     graph = proto.graph
     _fold_constants(graph)
-    _fold_scales_into_dequantize(graph)
-    _shapes_from_integer_tensors(graph)
+    if int32_bias:  # ONNX Runtime's integer graph (the TensorRT target's graph is left as its placement made it)
+        _fold_scales_into_dequantize(graph)
+        _shapes_from_integer_tensors(graph)
     _transpose_quantized_weights(graph)
     if int32_bias:
         _quantize_biases(graph)
