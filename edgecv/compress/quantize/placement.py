@@ -390,6 +390,8 @@ def place_onnxruntime(p: Placer, skip_layers: set[str]) -> None:
                 # A skipped layer reads float: with DQ -> Conv(float W) -> Q around it, ONNX Runtime >= 1.20
                 # quantizes the conv by itself, and the layer would not stay float.
                 p.read_quantized(args[0])
+                if args[0] in p.quant_of:  # its int32 bias, as export writes it (input scale x weight scale)
+                    p.modules[node.target].link_input_quantizer(p.gm.get_submodule(p.quant_of[args[0]]))
             if p.single_user_kind(node) not in ("relu", "relu6"):
                 p.quantize_output(node)
         elif kind in ("relu", "relu6"):
