@@ -22,6 +22,11 @@ class TrainConfig(Strict):
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     amp: bool = Field(True, description="mixed precision on CUDA (ignored on CPU)")
     grad_clip: float | None = Field(None, gt=0.0)
+    bn_momentum: float | None = Field(
+        None, gt=0.0, le=1.0,
+        description="set every BatchNorm's momentum before training; torchvision builds MobileNetV3 and "
+        "EfficientNet with 0.01, too slow for a schedule of a few hundred steps (0.1: torch's default)",
+    )  # fmt: skip
 
 
 def _optional_fields(base: type[Strict], **defaults: Any) -> dict[str, Any]:

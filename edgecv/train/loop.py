@@ -82,6 +82,10 @@ def fit(
     `loss_fn(logits, images, labels)` replaces cross-entropy (distillation passes its loss here)."""
     dist_info = dist_info or DistInfo()
     model.to(device)
+    if cfg.bn_momentum is not None:  # running statistics that keep up with a short schedule
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.momentum = cfg.bn_momentum
     train_model: nn.Module = model
     if dist_info.enabled:
         train_model = nn.parallel.DistributedDataParallel(
