@@ -1,5 +1,6 @@
-"""Checkpoints = state_dict + the structure needed to rebuild the model (its `ModelSpec`, pruned channel
-counts, `QuantSpec`). Loaded with `torch.load(weights_only=True)`; never a pickled module.
+"""Checkpoints = state_dict + the structure needed to rebuild the model (its `ModelSpec`, the surgeries that
+changed its module types, pruned channel counts, `QuantSpec`). Loaded with `torch.load(weights_only=True)`;
+never a pickled module.
 
 The state_dict's `_metadata` (per-module versions that some models check when loading, e.g. torchvision's
 MNASNet) is stored beside it and put back on load, as `torch.save(model.state_dict())` would keep it.
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from edgecv.compress.quantize import QuantSpec, float_structure, is_quantized, quant_spec
+from edgecv.compress.surgery import SurgerySpec, apply_surgeries, surgery_of
 from edgecv.errors import EdgecvError
 from edgecv.io import atomic_torch_save
 from edgecv.models import build_model
@@ -33,6 +35,7 @@ class Checkpoint:
     shapes: dict[str, dict[str, int]]
     quant: QuantSpec | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    surgery: tuple[SurgerySpec, ...] = ()  # applied to the built model, in order, before the shapes
 
 
 def save_model(path: Path, model: nn.Module, spec: ModelSpec, meta: dict | None = None) -> None:
@@ -46,6 +49,7 @@ def save_model(path: Path, model: nn.Module, spec: ModelSpec, meta: dict | None 
             "model": spec.to_dict(),
             "shapes": float_structure(model) if quant is not None else model_shapes(model),
             "quant": quant.to_dict() if quant is not None else None,
+            "surgery": [s.to_dict() for s in surgery_of(model)],
             "meta": meta or {},
             "state_dict": {k: v.detach().cpu() for k, v in state.items()},
             "state_dict_metadata": {k: dict(v) for k, v in metadata.items()} if metadata is not None else None,
@@ -75,14 +79,17 @@ def checkpoint_header(ckpt: dict, path: Path | str = "checkpoint") -> Checkpoint
         shapes=ckpt.get("shapes", {}),
         quant=QuantSpec.from_dict(quant) if quant is not None else None,
         meta=ckpt.get("meta", {}),
+        surgery=tuple(SurgerySpec.from_dict(s) for s in ckpt.get("surgery") or ()),
     )
 
 
 def build_from_header(header: Checkpoint) -> nn.Module:
-    """Build the float net, resize it to the recorded shapes, and re-insert quantizers if it was quantized."""
+    """Build the float net, apply its surgeries, resize it to the recorded shapes, and re-insert quantizers if
+    it was quantized."""
     from edgecv.compress.quantize import build_quantized
 
     model = build_model(header.spec.name, weights=None, **header.spec.build_kwargs())
+    apply_surgeries(model, header.surgery)
     apply_shapes(model, header.shapes)
     if header.quant is not None:
         model = build_quantized(model, header.quant, header.spec.example_input())

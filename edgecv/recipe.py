@@ -94,8 +94,8 @@ class Recipe(Strict):
             raise ValueError("stages: 'export' must be the last stage")
         quant = [i for i, n in enumerate(names) if n in ("ptq", "qat")]
         for i in quant:
-            if any(n in ("prune", "finetune") for n in names[i + 1 :]):
-                raise ValueError(f"stages: {names[i]!r} must come after prune and finetune")
+            if any(n in ("prune", "finetune", "surgery") for n in names[i + 1 :]):
+                raise ValueError(f"stages: {names[i]!r} must come after prune, surgery and finetune")
         return self
 
     def fingerprint(self, *parts: Any) -> str:

@@ -61,8 +61,8 @@ def _deployable(i: int, stages: list[StageModel]) -> tuple[bool, str | None]:
     s = stages[i]
     if s.quantized:
         return False, "fake-quant in float: not INT8 speed (see the onnx-int8 row)"
-    if s.name == "prune" and any(t.name in TRAINING_STAGES for t in stages[i + 1 :]):
-        return False, "pruned, before fine-tuning"
+    if s.name in ("prune", "surgery") and any(t.name in TRAINING_STAGES for t in stages[i + 1 :]):
+        return False, ("pruned" if s.name == "prune" else "changed by surgery") + ", before fine-tuning"
     return True, None
 
 
@@ -95,6 +95,29 @@ def _baseline_onnx(stages: list[StageModel], spec: ModelSpec, tmp: Path, recipe:
     load = lambda: create_runner("onnxruntime", path, device=device, threads=recipe.bench.threads)  # noqa: E731
     return [Subject(model="train (exported for this report)", runner=None, load=load, format="onnx",
                     stage="train", params=base.params, macs=base.macs, size_bytes=model_size_bytes(path))]
+
+
+def _baseline_int8(stages: list[StageModel], manifest: dict, spec: ModelSpec, tmp: Path, recipe: Recipe,
+                   data: DataBundle) -> list[Subject]:
+    """After a surgery, the original (baseline) model in INT8 as well, calibrated here with the calibrator the
+    recipe's ptq chose, so that the report shows the original and the changed model side by side, each in
+    float and INT8 on ONNX Runtime."""
+    from edgecv.compress.quantize import apply_calibrator, collect_stats, prepare_qat
+    from edgecv.export.onnx import export_onnx, model_size_bytes
+
+    base = next((s for s in stages if s.name == "train"), None)
+    targets = [getattr(c, "target", None) for c in recipe.stages if c.stage in ("ptq", "qat")]
+    if base is None or not any(s.name == "surgery" for s in stages) or "onnxruntime" not in targets:
+        return []
+    method = next((e["metrics"]["calibrator"] for e in manifest["stages"] if "calibrator" in e.get("metrics", {})),
+                  "max")
+    qmodel = prepare_qat(base.model, "onnxruntime", spec.example_input())
+    apply_calibrator(qmodel, collect_stats(qmodel, data.calibration_batches(8)), method)
+    path = export_onnx(qmodel, tmp / "baseline.int8.onnx", spec.example_input())
+    load = lambda: create_runner("onnxruntime", path, threads=recipe.bench.threads)  # noqa: E731
+    return [Subject(model=f"train (the original model, INT8 calibrated for this report: {method})", runner=None,
+                    load=load, format="onnx-int8", stage="train", params=base.params, macs=base.macs,
+                    size_bytes=model_size_bytes(path), note="the original model before surgery")]
 
 
 def _export_subjects(run_dir: Path, stages: list[StageModel], recipe: Recipe, device: str) -> tuple[list[Subject], dict]:
@@ -131,6 +154,13 @@ def _sections(manifest: dict, files: dict, recipe: Recipe) -> ReportSections:
                   "threads": b.threads, "method": "blocks"}
     for e in manifest["stages"]:
         m = e.get("metrics", {})
+        s.notes += _precision_notes(e["dir"], m.get("precision"))
+        if e["name"] == "surgery" and m.get("surgery"):
+            s.notes.append(
+                f"{e['dir']} changed the model ({m['surgery']['activation']} activations, squeeze-excitation "
+                f"{m['surgery']['squeeze_excitation']}): rows of 'train' are the original model, rows of later "
+                "stages the changed one"
+            )
         if "calibrators" in m:
             s.calibration = [{**c, "chosen": c["calibrator"] == m.get("calibrator")} for c in m["calibrators"]]
         s.skipped_layers = m.get("skipped_layers", s.skipped_layers)
@@ -143,6 +173,16 @@ def _sections(manifest: dict, files: dict, recipe: Recipe) -> ReportSections:
     return s
 
 
+def _precision_notes(stage_dir: str, precision: dict | None) -> list[str]:
+    """The one-line verdict when INT8 is slower than float here, and what precision auto shipped."""
+    if not precision:
+        return []
+    notes = [f"{stage_dir}: {precision['verdict']}"] if precision.get("ratio", 0) > 1 else []
+    if precision.get("requested") == "auto":
+        notes.append(f"{stage_dir}: precision auto shipped the {precision['chosen']} model ({precision['why']})")
+    return notes
+
+
 def report_run(recipe: Recipe, run_dir: Path, manifest: dict, data: DataBundle, spec: ModelSpec,
                device: str) -> dict:
     """Measure every model of the run and write the report; returns {"rows", "paths"}."""
@@ -152,6 +192,7 @@ def report_run(recipe: Recipe, run_dir: Path, manifest: dict, data: DataBundle, 
         subjects = _torch_subjects(stages, recipe, device) if "torch" in bench.backends else []
         if "onnxruntime" in bench.backends:
             subjects += _baseline_onnx(stages, spec, Path(tmp), recipe, "cpu")
+            subjects += _baseline_int8(stages, manifest, spec, Path(tmp), recipe, data)
         exported, files = _export_subjects(run_dir, stages, recipe, "cpu")
         subjects += exported
         settings = BenchSettings(tuple(bench.batch_sizes), bench.warmup, bench.runs, bench.rounds)

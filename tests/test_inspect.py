@@ -140,3 +140,51 @@ def test_a_skipped_first_layer_runs_in_float_in_onnxruntime(tmp_path):
     report = inspect_onnx(export_onnx(qmodel, tmp_path / "q.onnx", x[:2]), "onnxruntime")
     assert report["float_op_counts"] == {"Conv": 1}
     assert report["int_op_counts"]["QLinearConv"] == len([m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]) - 1
+
+
+# One builder per family whose activations ONNX Runtime runs in integer only once edgecv writes them with its
+# integer kernels: SiLU (efficientnet), hard-swish and hard-sigmoid squeeze-excitation (mobilenet_v3),
+# a mean over H and W (mnasnet, shufflenet), a channel shuffle (shufflenet), ReLU + sigmoid SE (regnet_y).
+FAMILIES = [
+    "torchvision:mobilenet_v3_small",
+    "torchvision:efficientnet_b0",
+    "torchvision:mnasnet0_5",
+    "torchvision:shufflenet_v2_x0_5",
+    "torchvision:regnet_y_400mf",
+]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_onnxruntime_int8_has_no_float_island(name, tmp_path):
+    """All integer between the input's QuantizeLinear and the logits' DequantizeLinear, and at least every op
+    ONNX Runtime's own quantize_static U8 runs in integer."""
+    model, x = _model(name)
+    qmodel = prepare_qat(model, "onnxruntime", x[:2])
+    apply_calibrator(qmodel, collect_stats(qmodel, [x[:8], x[8:]]), "max")
+    ours = inspect_onnx(export_onnx(qmodel, tmp_path / "edgecv.onnx", x[:2]), "onnxruntime")
+    float_path = export_onnx(model, tmp_path / "float.onnx", x[:2])
+    reference = inspect_onnx(_quantize_static_u8(float_path, tmp_path / "static.onnx", x), "onnxruntime")
+    assert ours["float_ops"] == [] and ours["float_islands"] == 0
+    assert ours["qdq_counts"] == {"DequantizeLinear": 1, "QuantizeLinear": 1}
+    for op, n in reference["int_op_counts"].items():
+        assert ours["int_op_counts"].get(op, 0) >= n, (op, ours["int_op_counts"], reference["int_op_counts"])
+
+
+def test_lint_names_ops_without_integer_kernel_and_counts_float_islands(tmp_path):
+    """ONNX Runtime's quantize_static leaves hard-sigmoid in float on MobileNetV3 (no integer kernel): the lint
+    says so by op, and counts the islands of float ops each entered and left through Q/DQ."""
+    model, x = _model("torchvision:mobilenet_v3_small")
+    float_path = export_onnx(model, tmp_path / "float.onnx", x[:2])
+    report = inspect_onnx(_quantize_static_u8(float_path, tmp_path / "static.onnx", x), "onnxruntime")
+    hard_sigmoids = len([m for m in model.modules() if isinstance(m, (torch.nn.Hardswish, torch.nn.Hardsigmoid))])
+    assert report["float_op_counts"]["HardSigmoid"] == hard_sigmoids
+    assert {f["reason"] for f in report["float_ops"] if f["op_type"] == "HardSigmoid"} == {
+        "runs in float: ONNX Runtime has no integer kernel for HardSigmoid"
+    }
+    # x * hard-sigmoid(x) reads one float input: the Mul joins the hard-sigmoid's island
+    assert {f["reason"] for f in report["float_ops"] if f["op_type"] == "Mul"} == {
+        "runs in float: an input is not quantized"
+    }
+    assert report["float_islands"] == hard_sigmoids
+    float_report = inspect_onnx(float_path, "onnxruntime")
+    assert float_report["float_islands"] == 0 and float_report["int_op_counts"] == {}

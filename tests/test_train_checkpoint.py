@@ -143,3 +143,23 @@ def test_torchrun_ddp_trains_on_two_cpu_processes(tmp_path):
     assert (tmp_path / "runs" / "ddp" / "00-train" / "model.pt").is_file()
     assert proc.stdout.count("train epoch 1/1") == 1  # only rank 0 reports and writes
     assert proc.stdout.count(" 00-train ─") == 1  # the stage heading once: the other rank's console is quiet
+
+
+def test_bn_momentum_lets_running_statistics_keep_up_with_a_short_schedule():
+    """torchvision builds MobileNetV3 / EfficientNet with BatchNorm momentum 0.01: over a few hundred steps the
+    running statistics lag the weights (a Fashion-MNIST MobileNetV3 evaluated at 10 %, one class). train.bn_momentum
+    sets every BatchNorm's momentum before training."""
+    data = tiny_data()
+    moved = {}
+    for momentum in (None, 0.5):
+        model = tiny_model()
+        for m in model.modules():  # as torchvision's MobileNetV3 builds them
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.momentum = 0.01
+        fit(model, data.train, data.val, TrainConfig(epochs=1, lr=0.05, schedule="constant", bn_momentum=momentum))
+        bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        assert all(m.momentum == (momentum or 0.01) for m in bns)
+        moved[momentum] = float(bns[0].running_mean.abs().mean())  # started at 0
+    assert moved[0.5] > 5 * moved[None], moved
+    with pytest.raises(ValueError):
+        TrainConfig(bn_momentum=0.0)

@@ -49,7 +49,8 @@ def _load(path: Path) -> onnx.ModelProto:
 def inspect_onnx(path: Path, target: str) -> dict:
     """Integer vs float ops of `path` as `target` runs it, and placement rule violations.
     Returns {"target", "float_ops": [{"name", "op_type", "reason"}], "int_op_counts", "float_op_counts",
-    "qdq_counts", "violations": [str]}. Op counts count operators; Q/DQ nodes are counted apart."""
+    "qdq_counts", "violations": [str]} (onnxruntime also "float_islands": the connected groups of float ops
+    between integer ones). Op counts count operators; Q/DQ nodes are counted apart."""
     inspector = INSPECTORS.get(target)
     return inspector(Path(path), _load(Path(path)))
 
@@ -77,8 +78,7 @@ def _element_types(graph: onnx.GraphProto) -> dict[str, int]:
     types = {i.name: i.type.tensor_type.elem_type for i in graph.input}
     types.update({i.name: i.data_type for i in graph.initializer})
     types.update({v.name: v.type.tensor_type.elem_type for v in graph.value_info})
-    passthrough = {"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity",
-                   "Concat", "Slice", "Split", "Resize", "GlobalMaxPool", "Relu", "Clip"}  # fmt: skip
+    passthrough = MOVE_OPS | {"Relu", "Clip"}
     for node in graph.node:
         op = node.op_type
         if op in ("QuantizeLinear", "DynamicQuantizeLinear"):
@@ -106,30 +106,91 @@ def _is_integer_op(op: str) -> bool:
     return op.startswith("QLinear") or op in ("QGemm", "ConvInteger", "MatMulInteger", "MatMulIntegerToFloat")
 
 
+# ops that only move or select values: ONNX Runtime runs them on uint8 tensors as they are
+MOVE_OPS = {
+    "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Identity", "Split", "Slice", "Gather", "Pad",
+    "Resize", "MaxPool", "GlobalMaxPool", "Concat", "Tile", "Expand", "DepthToSpace", "SpaceToDepth",
+}  # fmt: skip
+# what ONNX Runtime's own quantizer can give an integer kernel (onnxruntime.quantization.registry), when
+# onnxruntime's Python tools cannot be imported; Relu and Clip fuse into the integer op before them
+_INTEGER_KERNEL_OPS = {
+    "Conv", "Gemm", "MatMul", "Add", "Mul", "Relu", "Clip", "LeakyRelu", "Sigmoid", "MaxPool",
+    "GlobalAveragePool", "AveragePool", "Concat", "Softmax", "Where", "ArgMax", "Split", "Pad", "Resize",
+}  # fmt: skip
+
+
+def ort_integer_kernel_ops() -> set[str]:
+    """ONNX ops ONNX Runtime can run in integer (QLinear* kernels, or fused into the integer op before them)."""
+    try:
+        from onnxruntime.quantization.registry import QLinearOpsRegistry
+    except ImportError:
+        return set(_INTEGER_KERNEL_OPS)
+    return set(QLinearOpsRegistry) | {"MaxPool", "GlobalMaxPool"}
+
+
+_FLOAT_FUSIONS = {"FusedConv": "Conv", "FusedGemm": "Gemm", "FusedMatMul": "MatMul"}  # ORT's float fusions
+
+
+def _float_reason(node: onnx.NodeProto, g: QdqGraph, kernels: set[str]) -> str:
+    op = node.op_type
+    base = _FLOAT_FUSIONS.get(op, op)
+    if base not in kernels and base not in MOVE_OPS:
+        return f"runs in float: ONNX Runtime has no integer kernel for {op}"
+    quantized = [g.dq(i) is not None for i in g.activations(node)]
+    if not any(quantized):
+        return "runs in float: its input is not quantized"
+    if not all(quantized):
+        return "runs in float: an input is not quantized"
+    return "runs in float: its output is not quantized"
+
+
+def _count_islands(float_nodes: list[onnx.NodeProto]) -> int:
+    """Connected groups of float ops (one reads another's output): each is entered through DequantizeLinear
+    and left through QuantizeLinear, a pass over the tensor each way."""
+    parent = list(range(len(float_nodes)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    made_by = {o: k for k, n in enumerate(float_nodes) for o in n.output}
+    for k, n in enumerate(float_nodes):
+        for i in n.input:
+            if i in made_by:
+                parent[root(k)] = root(made_by[i])
+    return len({root(k) for k in range(len(float_nodes))})
+
+
 def _inspect_onnxruntime(path: Path, proto: onnx.ModelProto) -> dict:
+    """Every op on the data path of the graph ORT runs: integer, or float with the reason (no integer kernel
+    in ORT, or an input or output not quantized); and the float islands they form between integer ops."""
     graph = ort_optimized_graph(path).graph
-    types = _element_types(graph)
-    float_ops, int_counts, float_counts, qdq_counts = [], Counter(), Counter(), Counter()
+    g, types, kernels = QdqGraph(graph), _element_types(graph), ort_integer_kernel_ops()
+    float_ops, float_nodes, int_counts, float_counts, qdq_counts = [], [], Counter(), Counter(), Counter()
     for node in graph.node:
         op = node.op_type
-        data_type = types.get(node.input[0], TensorProto.FLOAT) if node.input else TensorProto.FLOAT
         if op in ("QuantizeLinear", "DequantizeLinear"):
             qdq_counts[op] += 1  # each is a switch between integer and float, not an operator
-        elif _is_integer_op(op):
-            int_counts[op] += 1
-        elif op in COMPUTE_OPS:
-            if data_type in INTEGER_TYPES and op not in ("Conv", "Gemm", "MatMul", "FusedConv"):
-                int_counts[op] += 1  # e.g. MaxPool on uint8
-            else:
-                float_counts[op] += 1
-                reason = "runs in float: " + (
-                    "its input is not quantized" if data_type not in INTEGER_TYPES else "no integer kernel"
-                )
-                float_ops.append({"name": node.name, "op_type": op, "reason": reason})
+            continue
+        inputs = g.activations(node)
+        if not inputs or op in ("Shape", "Size"):
+            continue  # shape arithmetic and constants
+        data_type = types.get(inputs[0], TensorProto.FLOAT)
+        moved = data_type in INTEGER_TYPES and op not in ("Conv", "Gemm", "MatMul", "FusedConv")
+        if _is_integer_op(op) or moved:
+            int_counts[op] += 1  # QLinear* kernels, and MaxPool / Reshape ... on uint8
+            continue
+        float_counts[op] += 1
+        float_nodes.append(node)
+        float_ops.append({"name": node.name, "op_type": op, "reason": _float_reason(node, g, kernels)})
     violations = []
     if not int_counts and not qdq_counts:
         violations.append("no integer ops: the model has no Q/DQ (export a fake-quant model)")
-    return _report("onnxruntime", float_ops, int_counts, float_counts, violations, qdq_counts)
+    islands = _count_islands(float_nodes) if int_counts else 0
+    return _report("onnxruntime", float_ops, int_counts, float_counts, violations, qdq_counts,
+                   float_islands=islands)
 
 
 # ---- tensorrt -------------------------------------------------------------------------------------
@@ -505,7 +566,7 @@ INSPECTORS.register("onnxruntime", _inspect_onnxruntime)
 INSPECTORS.register("tensorrt", _inspect_tensorrt)
 
 
-def _report(target, float_ops, int_counts, float_counts, violations, qdq_counts) -> dict:
+def _report(target, float_ops, int_counts, float_counts, violations, qdq_counts, **extra) -> dict:
     return {
         "target": target,
         "float_ops": float_ops,
@@ -513,6 +574,7 @@ def _report(target, float_ops, int_counts, float_counts, violations, qdq_counts)
         "float_op_counts": dict(sorted(float_counts.items())),
         "qdq_counts": dict(sorted(qdq_counts.items())),
         "violations": violations,
+        **extra,
     }
 
 
@@ -532,6 +594,9 @@ def format_inspect(report: dict):
         table.add_row(f"[yellow]float[/] {f['op_type']} {f['name']}", "", f["reason"])
     if len(report["float_ops"]) > 20:
         table.add_row(f"... {len(report['float_ops']) - 20} more float ops", "", "")
+    if report.get("float_islands"):
+        islands = report["float_islands"]
+        table.add_row(f"[yellow]float islands[/] (each entered and left through Q/DQ): {islands}", "", "")
     for v in report["violations"]:
         table.add_row(f"[red]violation[/] {v}", "", "")
     return table

@@ -5,7 +5,9 @@ A fake-quant model (from prepare_qat) exports to QuantizeLinear/DequantizeLinear
 what the backend expects: constant subgraphs (range -> scale / zero point) are folded, each weight is stored
 as an int8 initializer feeding its DequantizeLinear (~4x smaller file), and for the onnxruntime target each
 Conv/Gemm bias becomes int32 + DequantizeLinear with scale = input scale * weight scale, as
-onnxruntime.quantization.quantize_static writes it, so ORT fuses DQ -> Conv -> Q into QLinearConv.
+onnxruntime.quantization.quantize_static writes it, so ORT fuses DQ -> Conv -> Q into QLinearConv; a
+dequantized tensor times a positive constant becomes one DequantizeLinear with the scale multiplied (so the
+op reading it still fuses), and Shape reads the integer tensor rather than dequantizing it.
 """
 
 from __future__ import annotations
@@ -208,10 +210,72 @@ def _transpose_quantized_weights(graph: onnx.GraphProto) -> None:
     graph.node.extend(kept)
 
 
+def _fold_scales_into_dequantize(graph: onnx.GraphProto) -> None:
+    """DequantizeLinear(q, s, zp) -> Mul by a positive scalar constant c (or Div by one) becomes
+    DequantizeLinear(q, s * c, zp): the same values, and the op that reads them reads a DQ, so ONNX Runtime
+    fuses it (hard-sigmoid's 1/6 before QLinearMul)."""
+    inits = {i.name: i for i in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    kept, folded = [], False
+    for node in graph.node:
+        factor = _scalar_factor(node, inits)
+        dq = producer.get(node.input[0]) if factor is not None else None
+        if dq is None or dq.op_type != "DequantizeLinear" or dq.input[1] not in inits:
+            kept.append(node)
+            continue
+        scale = numpy_helper.to_array(inits[dq.input[1]])
+        if scale.ndim != 0:
+            kept.append(node)
+            continue
+        name = f"{dq.input[1]}_times_{len(graph.initializer)}"
+        graph.initializer.append(numpy_helper.from_array((scale * np.float32(factor)).astype(scale.dtype), name))
+        inputs = [dq.input[0], name, *dq.input[2:]]
+        kept.append(helper.make_node("DequantizeLinear", inputs, [node.output[0]], name=f"{node.name}_scale"))
+        folded = True
+    if folded:
+        read = {i for n in kept for i in n.input} | {o.name for o in graph.output}
+        kept = [n for n in kept if n.op_type != "DequantizeLinear" or any(o in read for o in n.output)]
+        del graph.node[:]
+        graph.node.extend(kept)
+
+
+def _shapes_from_integer_tensors(graph: onnx.GraphProto) -> None:
+    """Shape(DequantizeLinear(q)) reads Shape(q): the same shape, without dequantizing the whole tensor only
+    to read its shape (`x.size()` in a channel shuffle)."""
+    producer = {o: n for n in graph.node for o in n.output}
+    for node in graph.node:
+        dq = producer.get(node.input[0]) if node.op_type == "Shape" else None
+        if dq is not None and dq.op_type == "DequantizeLinear":
+            node.input[0] = dq.input[0]
+    read = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    kept = [n for n in graph.node if n.op_type != "DequantizeLinear" or any(o in read for o in n.output)]
+    del graph.node[:]
+    graph.node.extend(kept)
+
+
+def _scalar_factor(node: onnx.NodeProto, inits: dict) -> float | None:
+    """c when `node` is Mul(x, c), Mul(c, x) or Div(x, 1/c) with a positive scalar initializer; else None."""
+    if node.op_type not in ("Mul", "Div") or len(node.input) != 2:
+        return None
+    const = [i for i in node.input if i in inits]
+    if len(const) != 1 or (node.op_type == "Div" and node.input[1] != const[0]):
+        return None
+    value = numpy_helper.to_array(inits[const[0]])
+    if value.size != 1 or not np.issubdtype(value.dtype, np.floating) or float(value.reshape(())) <= 0:
+        return None
+    if node.input[0] == const[0]:
+        node.input[0], node.input[1] = node.input[1], node.input[0]  # Mul(c, x): the tensor first
+    c = float(value.reshape(()))
+    return c if node.op_type == "Mul" else 1.0 / c
+
+
 def finalize_qdq(proto: onnx.ModelProto, int32_bias: bool) -> onnx.ModelProto:
     """Make an exported fake-quant graph an integer Q/DQ graph (see the module docstring)."""
     graph = proto.graph
     _fold_constants(graph)
+    if int32_bias:  # ONNX Runtime's integer graph (the TensorRT target's graph is left as its placement made it)
+        _fold_scales_into_dequantize(graph)
+        _shapes_from_integer_tensors(graph)
     _transpose_quantized_weights(graph)
     if int32_bias:
         _quantize_biases(graph)

@@ -5,7 +5,7 @@ the JSON schema and the tests all come from `STAGES`.
 
 from __future__ import annotations
 
-from edgecv.stages import export, prune, quantize, train  # noqa: F401  (importing a module registers its stages)
+from edgecv.stages import export, prune, quantize, surgery, train  # noqa: F401  (importing a module registers its stages)
 from edgecv.stages.base import STAGES, Stage, StageConfig, StageContext, listed_stages, stage
 
 __all__ = ["STAGES", "Stage", "StageConfig", "StageContext", "listed_stages", "stage"]

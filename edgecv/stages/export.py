@@ -29,6 +29,7 @@ from edgecv.errors import EdgecvError
 from edgecv.export.frames import FLOAT_NCHW, UINT8_NHWC
 from edgecv.io import write_json
 from edgecv.stages.base import StageConfig, StageContext, stage
+from edgecv.stages.precision import shipped_precision
 
 METADATA = "metadata.json"
 
@@ -161,6 +162,9 @@ def export_stage(model: nn.Module, cfg: ExportConfig, ctx: StageContext) -> nn.M
         files.update(_frame_files(out, files, float_model, model if quantized else None, ctx, samples))
     if cfg.tensorrt:
         files["model.engine"] = _engine(out, files, cfg, ctx)
+    precision = shipped_precision(ctx)  # INT8 against float on the target, and what ships (precision: auto)
+    if precision is not None and not quantized and precision["chosen"] == "float":
+        console.print(f"exporting the float model only: {precision['why']}")
     write_json(out / METADATA, {
         "input_name": "input",
         "output_name": "logits",
@@ -171,6 +175,7 @@ def export_stage(model: nn.Module, cfg: ExportConfig, ctx: StageContext) -> nn.M
         "model": ctx.spec.to_dict(),
         "files": files,
         "engine": {**cfg.engine.model_dump(mode="json"), "batch_sizes": list(ctx.recipe.bench.batch_sizes)},
+        "precision": precision,
     })  # fmt: skip
     ctx.metrics.update(files={k: {kk: vv for kk, vv in v.items() if kk != "inspect"} for k, v in files.items()})
     for name, info in files.items():

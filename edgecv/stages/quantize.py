@@ -1,11 +1,14 @@
 """The `ptq` and `qat` stages: INT8 fake-quant models for a target backend, with accuracy measured on the
-exported INT8 graph in ONNX Runtime (as deployed, not as simulated)."""
+exported INT8 graph in ONNX Runtime (as deployed, not as simulated). For the onnxruntime target each stage
+also times INT8 against float at the deployment batch, says in one line when INT8 is the slower, and with
+`precision: auto` returns (ships) whichever is faster within the accuracy budget: the float model when it
+wins, recorded in the stage's metrics and `precision.json`."""
 
 from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field, field_validator, model_validator
@@ -20,6 +23,7 @@ from edgecv.data.datasets import DataBundle
 from edgecv.errors import EdgecvError
 from edgecv.io import write_json
 from edgecv.stages.base import StageConfig, StageContext, stage
+from edgecv.stages.precision import choose_precision, compare_precisions, record_precision
 from edgecv.stages.train import distillation, run_fit
 from edgecv.train.config import TrainOverrides
 from edgecv.train.distributed import DistInfo, broadcast_module_state, broadcast_object
@@ -51,8 +55,33 @@ class QuantConfig(Strict):
                 raise ValueError(f"skip_layers must be a list of layer names or 'auto:N', got {v!r}")
         return v
 
+    precision: Literal["int8", "auto"] = Field(
+        "int8", description="int8: ship INT8; auto: ship whichever of INT8 and float is faster on the target "
+        "at deploy_batch, within accuracy_budget (measured; onnxruntime target)",
+    )
+    accuracy_budget: float | None = Field(
+        None, ge=0.0, description="precision auto: top-1 points the faster model may lose (default 0.5)"
+    )
+    deploy_batch: int | None = Field(
+        None, ge=1, description="batch size INT8 and float are timed at (default: the smallest in bench)"
+    )
+
     def calibrators_used(self) -> set[str]:
         return {self.calibrator}
+
+    @model_validator(mode="after")
+    def _auto_options(self) -> QuantConfig:
+        if self.accuracy_budget is not None and self.precision != "auto":
+            raise ValueError("accuracy_budget: only precision 'auto' takes it")
+        if self.precision == "auto" and self.target != "onnxruntime":
+            raise ValueError(
+                f"precision auto times INT8 and float in ONNX Runtime; with target {self.target!r} build both "
+                "on the device and compare them with edgecv bench"
+            )
+        return self
+
+    def budget(self) -> float:
+        return 0.5 if self.accuracy_budget is None else self.accuracy_budget
 
     def calibrator_options(self, method: str) -> dict[str, float]:
         """The options `method` takes from this config (only the percentile calibrator takes one)."""
@@ -151,7 +180,7 @@ def ptq_stage(model: nn.Module, cfg: PTQConfig, ctx: StageContext) -> nn.Module:
     if _dist(ctx).is_main:
         _compare_calibrators(qmodel, stats, cfg, ctx)
     share_ranges(qmodel, ctx)  # the ranges, and the quantizers' on/off switches (buffers), from rank 0
-    return qmodel
+    return _ship(model, qmodel, cfg, ctx, int8_top1=ctx.metrics.get("top1"))
 
 
 def _compare_calibrators(qmodel: nn.Module, stats: Q.CalibStats, cfg: PTQConfig, ctx: StageContext) -> None:
@@ -167,6 +196,35 @@ def _compare_calibrators(qmodel: nn.Module, stats: Q.CalibStats, cfg: PTQConfig,
     chosen = next(r for r in results if r["calibrator"] == best)
     ctx.metrics.update(calibrators=results, calibrator=best, top1=chosen["top1"], top5=chosen["top5"],
                        target=cfg.target, accuracy_backend="onnxruntime")
+
+
+def _ship(float_model: nn.Module, qmodel: nn.Module, cfg: QuantConfig, ctx: StageContext,
+          int8_top1: float | None, before_training: bool = False) -> nn.Module:
+    """INT8 against float on the target (onnxruntime): the verdict line, and for precision auto the model that
+    ships. `before_training` (QAT): only speed is known yet; a float win skips the training. Under torchrun,
+    rank 0 measures and decides; every rank ships what it chose."""
+    if cfg.target != "onnxruntime":
+        return qmodel  # timed on the device (edgecv bench), not here
+    auto = cfg.precision == "auto"
+    dist = _dist(ctx)
+    if not dist.is_main:
+        chosen = broadcast_object(None, dist)
+        return float_model if auto and chosen == "float" else qmodel
+    batch = cfg.deploy_batch or min(ctx.recipe.bench.batch_sizes)
+    cmp = compare_precisions(float_model, qmodel, ctx, batch, int8_top1, with_accuracy=auto)
+    chosen, why = choose_precision(cmp, cfg.budget()) if auto else ("int8", "precision: int8 was asked")
+    broadcast_object(chosen, dist)
+    if before_training and chosen == "int8":
+        return qmodel  # decided once QAT has trained it
+    console.print(("[yellow]" if cmp.ratio > 1 else "") + cmp.verdict() + ("[/]" if cmp.ratio > 1 else ""))
+    record_precision(ctx, cmp, cfg.precision, chosen, why, cfg.budget() if auto else None)
+    if not auto:
+        return qmodel
+    console.print(f"precision auto: {chosen} ships ({why})")
+    if chosen == "float":
+        ctx.metrics.update(top1=cmp.float_top1, shipped="float")
+        return float_model
+    return qmodel
 
 
 def _qat_model(model: nn.Module, cfg: QATConfig, ctx: StageContext) -> tuple[nn.Module, int | None]:
@@ -189,6 +247,12 @@ def _qat_model(model: nn.Module, cfg: QATConfig, ctx: StageContext) -> tuple[nn.
 def qat_stage(model: nn.Module, cfg: QATConfig, ctx: StageContext) -> nn.Module:
     torch.manual_seed(ctx.recipe.seed + ctx.index)
     qmodel, freeze_epoch = _qat_model(model, cfg, ctx)
+    float_model = model if not Q.is_quantized(model) else ctx.load("parent")
+    if cfg.precision == "auto":  # speed does not change with training: a float win needs no QAT
+        shipped = _ship(float_model, qmodel, cfg, ctx, int8_top1=None, before_training=True)
+        if shipped is float_model:
+            ctx.metrics.update(epochs=0, target=cfg.target, accuracy_backend="onnxruntime")
+            return float_model
     Q.set_learnable_ranges(qmodel, cfg.learnable_ranges)
 
     def freeze_bn_at(epoch: int, m: nn.Module) -> None:
@@ -207,4 +271,4 @@ def qat_stage(model: nn.Module, cfg: QATConfig, ctx: StageContext) -> nn.Module:
     ctx.metrics.update(torch_top1=result["top1"], epochs=result["epochs"], target=cfg.target)
     if result.get("history"):
         ctx.metrics["history"] = result["history"]
-    return qmodel
+    return _ship(float_model, qmodel, cfg, ctx, int8_top1=ctx.metrics["top1"])

@@ -42,6 +42,11 @@ class TrainConfig(Strict):
     ema_steps: int = Field(1, ge=1, description="optimizer steps between EMA updates")
     grad_accum: int = Field(1, ge=1, description="batches whose gradients are summed before each step")
     grad_clip: float | None = Field(None, gt=0.0)
+    bn_momentum: float | None = Field(
+        None, gt=0.0, le=1.0,
+        description="set every BatchNorm's momentum before training; torchvision builds MobileNetV3 and "
+        "EfficientNet with 0.01, too slow for a schedule of a few hundred steps (0.1: torch's default)",
+    )  # fmt: skip
 
     @model_validator(mode="after")
     def _schedule_options(self) -> TrainConfig:

@@ -347,6 +347,10 @@ def fit(
     `loss_fn(logits, images, labels)` replaces cross-entropy (distillation passes its loss here). Under
     torchrun, `val_loader` is this rank's part of the validation set (the counts are summed)."""
     dist = dist_info or DistInfo()
+    if cfg.bn_momentum is not None:  # running statistics that keep up with a short schedule
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.momentum = cfg.bn_momentum
     s = start_session(model, train_loader, cfg, device, dist, loss_fn)
     start_epoch, history = restore_state(s, state_path, log_path, label)
     s.scheduler = build_scheduler(s.optimizer, cfg, max(1, s.steps_per_epoch), start_epoch * s.steps_per_epoch)

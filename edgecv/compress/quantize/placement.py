@@ -5,7 +5,12 @@ A placement profile decides where activations are fake-quantized and with which 
 - `onnxruntime`: every tensor quantized once (uint8, asymmetric), after the activation that follows a conv,
   after residual Adds, Muls, Concats and pools, MaxPool sharing its input's quantizer, the pooled features
   quantized again after Flatten, and the logits quantized. ORT then fuses DQ -> op -> Q into QLinearConv,
-  QLinearAdd, QGemm ... (the graph ONNX Runtime's `quantize_static` gives with U8 activations).
+  QLinearAdd, QGemm ... (the graph ONNX Runtime's `quantize_static` gives with U8 activations). Activations
+  are first written with the ops ORT has integer kernels for, as the same function (`lower_for_onnxruntime`):
+  SiLU as x * sigmoid(x) (QLinearSigmoid, QLinearMul), hard-sigmoid as relu6(x + 3) / 6 and hard-swish as
+  x * hard-sigmoid(x) (QLinearAdd, QLinearMul; the 1/6 becomes a dequantization scale at export), and a mean
+  over H and W as a global average pool (QLinearGlobalAveragePool); so no float island sits between integer
+  ops, and the fake-quant model computes what ORT runs.
 - `tensorrt`: int8 symmetric Q/DQ where TensorRT fuses them, as NVIDIA's ModelOpt quantizer places them: on the
   inputs of Conv/Linear, pooling, Mul and hard-swish, and on the skip input of each residual Add, leaving the
   output of the conv that feeds the Add float so TensorRT fuses Conv + Add (+ ReLU).
@@ -21,8 +26,15 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from edgecv.compress.quantize.fakequant import FakeQuantize, QuantConv2d, QuantLinear, fold_bn_into
+from edgecv.compress.quantize.fakequant import (
+    FakeQuantize,
+    QuantConstant,
+    QuantConv2d,
+    QuantLinear,
+    fold_bn_into,
+)
 from edgecv.compress.quantize.spec import QuantSpec
+from edgecv.compress.surgery import SURGERY_META_KEY, surgery_of
 from edgecv.errors import EdgecvError
 from edgecv.models.shapes import model_shapes
 from edgecv.registry import Registry
@@ -43,10 +55,13 @@ def _leaf_types() -> tuple[type, ...]:
 
 
 class QuantTracer(fx.Tracer):
-    """torch.fx tracer that keeps stochastic depth and edgecv's quant modules as single calls."""
+    """torch.fx tracer that keeps stochastic depth, edgecv's quant modules and subclasses of torch's activation
+    modules (the surgery's ReLU) as single calls."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, _leaf_types()) or super().is_leaf_module(m, module_qualified_name)
+        return isinstance(m, (*_leaf_types(), *_ACT_MODULES, nn.ReLU, nn.Hardtanh)) or super().is_leaf_module(
+            m, module_qualified_name
+        )
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
@@ -66,8 +81,12 @@ _ACT_FUNCTIONS = {
     F.hardswish, F.silu, F.sigmoid, torch.sigmoid, F.hardsigmoid, F.gelu, torch.tanh, F.tanh,
     F.leaky_relu, F.mish,
 }  # fmt: skip
-_SHAPE_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze}
-_SHAPE_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze"}
+_SHAPE_FUNCTIONS = {
+    torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.transpose, torch.permute,
+}  # fmt: skip
+_SHAPE_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze", "transpose", "permute", "contiguous"}
+_SPLIT_FUNCTIONS = {torch.chunk, torch.split, torch.tensor_split}
+_SPLIT_METHODS = {"chunk", "split", "tensor_split"}
 
 
 def _module_kind(m: nn.Module) -> str:
@@ -91,11 +110,39 @@ def _module_kind(m: nn.Module) -> str:
         return "transparent"
     if isinstance(m, FakeQuantize):
         return "quant"
+    if isinstance(m, QuantConstant):
+        return "const"
     return "other"
 
 
 def _tensor_args(node: fx.Node) -> list[fx.Node]:
     return [a for a in node.args if isinstance(a, fx.Node)]
+
+
+_MUL_TARGETS = (operator.mul, torch.mul, "mul")
+_DIV_TARGETS = (operator.truediv, torch.div, torch.true_divide, "div")
+
+
+def scale_factor(node: fx.Node) -> float | None:
+    """c when `node` computes x * c, c * x or x / c for a tensor x and a plain number c; else None."""
+    if node.op not in ("call_function", "call_method") or len(node.args) != 2 or node.kwargs:
+        return None
+    a, b = node.args
+    if node.target in _MUL_TARGETS:
+        tensor, number = (a, b) if isinstance(a, fx.Node) else (b, a)
+    elif node.target in _DIV_TARGETS:
+        tensor, number = a, (1.0 / b if isinstance(b, (int, float)) and b != 0 else None)
+    else:
+        return None
+    if not isinstance(tensor, fx.Node) or isinstance(number, bool) or not isinstance(number, (int, float)):
+        return None
+    return float(number)
+
+
+def _mul_kind(node: fx.Node) -> str:
+    if len(_tensor_args(node)) == 2:
+        return "mul"
+    return "scale" if scale_factor(node) is not None else "other"
 
 
 def node_kind(node: fx.Node, modules: dict[str, nn.Module]) -> str:
@@ -109,7 +156,9 @@ def node_kind(node: fx.Node, modules: dict[str, nn.Module]) -> str:
         if t in (operator.add, torch.add, operator.iadd):
             return "add" if len(_tensor_args(node)) == 2 else "other"
         if t in (operator.mul, torch.mul, operator.imul):
-            return "mul" if len(_tensor_args(node)) == 2 else "other"
+            return _mul_kind(node)
+        if t in _DIV_TARGETS and scale_factor(node) is not None:
+            return "scale"
         if t in (torch.cat, torch.concat):
             return "cat"
         if t in (F.relu, torch.relu):
@@ -124,6 +173,10 @@ def node_kind(node: fx.Node, modules: dict[str, nn.Module]) -> str:
             return "avgpool"
         if t in _SHAPE_FUNCTIONS:
             return "shape"
+        if t in _SPLIT_FUNCTIONS:
+            return "split"  # a tuple of tensors, each picked by getitem
+        if t is operator.getitem:
+            return "item"
         if t is F.dropout:
             return "transparent"
         return "other"
@@ -131,7 +184,9 @@ def node_kind(node: fx.Node, modules: dict[str, nn.Module]) -> str:
         if node.target in ("add", "add_"):
             return "add" if len(_tensor_args(node)) == 2 else "other"
         if node.target in ("mul", "mul_"):
-            return "mul" if len(_tensor_args(node)) == 2 else "other"
+            return _mul_kind(node)
+        if node.target == "div" and scale_factor(node) is not None:
+            return "scale"
         if node.target in ("relu", "relu_"):
             return "relu"
         if node.target in ("sigmoid",):
@@ -140,6 +195,8 @@ def node_kind(node: fx.Node, modules: dict[str, nn.Module]) -> str:
             return "avgpool"
         if node.target in _SHAPE_METHODS:
             return "shape"
+        if node.target in _SPLIT_METHODS:
+            return "split"
         return "other"
     return node.op  # get_attr, output
 
@@ -222,12 +279,16 @@ def _fold_and_swap(gm: fx.GraphModule, skip_layers: set[str], freeze_bn: bool) -
 class Placer:
     """Inserts FakeQuantize calls into an fx graph and remembers which tensors are already quantized."""
 
-    def __init__(self, gm: fx.GraphModule, act_symmetric: bool) -> None:
+    def __init__(
+        self, gm: fx.GraphModule, act_symmetric: bool, example_input: torch.Tensor | None = None
+    ) -> None:
         self.gm = gm
         self.graph = gm.graph
         self.act_symmetric = act_symmetric
+        self.example_input = example_input  # for passes that need tensor ranks (shape propagation)
         self.modules = dict(gm.named_modules())
         self.quant_of: dict[fx.Node, str] = {}  # tensor -> the quantizer its value went through
+        self.scaled: set[fx.Node] = set()  # quantized tensors times a positive number (a DQ scale at export)
         self.local_q: dict[fx.Node, fx.Node] = {}  # producer -> its Q node (consumer-local rewiring)
 
     def kind(self, node: fx.Node) -> str:
@@ -266,6 +327,24 @@ class Placer:
         """The quantizer of `node`'s value, quantizing all its uses if it has none yet."""
         return self.quant_of.get(node) or self.quantize_output(node)
 
+    def read_quantized(self, node: fx.Node) -> None:
+        """Make readers of `node` read it through DequantizeLinear: quantized already, a quantized tensor
+        times a positive number (the number becomes the DQ's scale at export), or quantized now."""
+        if node not in self.quant_of and node not in self.scaled:
+            self.quantize_output(node)
+
+    def constant(self, value: float) -> fx.Node:
+        """A new call of the uint8 constant `value` (one call per reader, as ONNX Runtime wants one
+        DequantizeLinear per fused op); insert it with the graph's current insertion point."""
+        name = "const_" + f"{value:g}".replace(".", "_").replace("-", "neg") + "_q"
+        if not hasattr(self.gm, name):
+            self.gm.add_submodule(name, QuantConstant(value))
+            self.modules[name] = self.gm.get_submodule(name)
+        return self.graph.call_module(name, ())
+
+    def call(self, target: Callable, *args: object) -> fx.Node:
+        return self.graph.call_function(target, tuple(args))
+
     def quantize_input_for(self, consumer: fx.Node, producer: fx.Node, shared: bool = True) -> None:
         """Quantize `producer` only where `consumer` reads it (one quantizer per layer: sensitivity analysis)."""
         if producer in self.quant_of:
@@ -279,7 +358,28 @@ class Placer:
         consumer.replace_input_with(producer, qnode)
 
 
+def _global_pool_pixels(node: fx.Node) -> int | None:
+    """H x W of the input of a global average pool (1 x 1 output), from shape propagation; else None."""
+    x = node.args[0] if node.args else None
+    in_meta = x.meta.get("tensor_meta") if isinstance(x, fx.Node) else None
+    if in_meta is None or len(in_meta.shape) != 4:
+        return None
+    out_meta = node.meta.get("tensor_meta")
+    size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
+    if out_meta is not None:
+        is_global = len(out_meta.shape) == 4 and tuple(out_meta.shape[2:]) == (1, 1)
+    else:  # a pool the lowering wrote (adaptive_avg_pool2d(x, 1))
+        is_global = node.op == "call_function" and size in (1, (1, 1), [1, 1])
+    return int(in_meta.shape[2] * in_meta.shape[3]) if is_global else None
+
+
 def place_onnxruntime(p: Placer, skip_layers: set[str]) -> None:
+    if p.example_input is not None:  # tensor ranks and pool sizes for the rewrites below
+        from torch.fx.passes.shape_prop import ShapeProp
+
+        with torch.no_grad():
+            ShapeProp(p.gm).propagate(p.example_input)
+    lower_for_onnxruntime(p)
     for node in list(p.graph.nodes):
         kind = p.kind(node)
         args = _tensor_args(node)
@@ -289,29 +389,128 @@ def place_onnxruntime(p: Placer, skip_layers: set[str]) -> None:
             if kind == "weighted":
                 # A skipped layer reads float: with DQ -> Conv(float W) -> Q around it, ONNX Runtime >= 1.20
                 # quantizes the conv by itself, and the layer would not stay float.
-                p.ensure_quantized(args[0])
+                p.read_quantized(args[0])
+                if args[0] in p.quant_of:  # its int32 bias, as export writes it (input scale x weight scale)
+                    p.modules[node.target].link_input_quantizer(p.gm.get_submodule(p.quant_of[args[0]]))
             if p.single_user_kind(node) not in ("relu", "relu6"):
                 p.quantize_output(node)
         elif kind in ("relu", "relu6"):
-            p.quantize_output(node, 6.0 if kind == "relu6" else None)
+            p.quantize_output(node, 6.0 if kind == "relu6" else float("inf"))
         elif kind == "act":
-            p.ensure_quantized(args[0])
+            p.read_quantized(args[0])
             p.quantize_output(node)
         elif kind in ("add", "mul", "cat"):
             inputs = args if kind != "cat" else [a for a in node.args[0] if isinstance(a, fx.Node)]
             for a in inputs:
-                p.ensure_quantized(a)
+                p.read_quantized(a)
             if p.single_user_kind(node) not in ("relu", "relu6"):
                 p.quantize_output(node)
+        elif kind == "const":
+            p.quant_of[node] = str(node.target)
+        elif kind == "scale":
+            if (args[0] in p.quant_of or args[0] in p.scaled) and (scale_factor(node) or 0.0) > 0:
+                p.scaled.add(node)
         elif kind == "maxpool":
             p.apply(node, p.ensure_quantized(args[0]))  # input and output share one scale / zero point
         elif kind == "avgpool":
-            p.ensure_quantized(args[0])
-            p.quantize_output(node)
-        elif kind == "shape" and args and args[0] in p.quant_of:
+            in_q, out_q = p.ensure_quantized(args[0]), p.quantize_output(node)
+            pixels = _global_pool_pixels(node)
+            if pixels:  # QLinearGlobalAveragePool runs only while in scale / (out scale x pixels) < 256
+                p.gm.get_submodule(out_q).set_scale_floor(p.gm.get_submodule(in_q), 1.0 / (255.0 * pixels))
+        elif kind in ("shape", "item") and args and args[0] in p.quant_of:
+            # moved values keep their scale: Q/DQ with the same parameters after the move lets ORT move uint8
             p.apply(node, p.quant_of[args[0]])
-        elif kind == "transparent" and args and args[0] in p.quant_of:
-            p.quant_of[node] = p.quant_of[args[0]]
+        elif kind in ("transparent", "split") and args and args[0] in p.quant_of:
+            p.quant_of[node] = p.quant_of[args[0]]  # a split's tuple: each getitem applies the quantizer
+
+
+# ---- lowering for ONNX Runtime: the same functions, written with ops that have integer kernels -----------
+
+
+def _hard_sigmoid(p: Placer, x: fx.Node) -> fx.Node:
+    """hard-sigmoid(x) = relu6(x + 3) * (1/6): QLinearAdd (its output range [0, 6] does the clip), and a
+    scale that export folds into the DequantizeLinear after it."""
+    return p.call(operator.mul, p.call(F.relu6, p.call(operator.add, x, p.constant(3.0))), 1.0 / 6.0)
+
+
+def _lower_silu(p: Placer, node: fx.Node) -> fx.Node:
+    x = node.args[0]
+    return p.call(operator.mul, x, p.call(torch.sigmoid, x))
+
+
+def _lower_hardswish(p: Placer, node: fx.Node) -> fx.Node:
+    x = node.args[0]
+    return p.call(operator.mul, x, _hard_sigmoid(p, x))
+
+
+def _lower_hardsigmoid(p: Placer, node: fx.Node) -> fx.Node:
+    return _hard_sigmoid(p, node.args[0])
+
+
+def _lower_spatial_mean(p: Placer, node: fx.Node) -> fx.Node:
+    pooled = p.call(F.adaptive_avg_pool2d, node.args[0], 1)
+    return pooled if _mean_keepdim(node) else p.call(torch.flatten, pooled, 1)
+
+
+_LOWERINGS: dict[str, Callable[[Placer, fx.Node], fx.Node]] = {
+    "silu": _lower_silu,
+    "hardswish": _lower_hardswish,
+    "hardsigmoid": _lower_hardsigmoid,
+    "spatial_mean": _lower_spatial_mean,
+}
+_LOWERED_MODULES = {nn.SiLU: "silu", nn.Hardswish: "hardswish", nn.Hardsigmoid: "hardsigmoid"}
+_LOWERED_FUNCTIONS = {F.silu: "silu", F.hardswish: "hardswish", F.hardsigmoid: "hardsigmoid"}
+
+
+def _mean_dims(node: fx.Node) -> object:
+    return node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+
+
+def _mean_keepdim(node: fx.Node) -> bool:
+    return bool(node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False))
+
+
+def _is_spatial_mean(node: fx.Node) -> bool:
+    """x.mean((2, 3)) / torch.mean(x, [-2, -1]) of a 4-D tensor (needs shape propagation's meta, which
+    place_onnxruntime gathers)."""
+    is_mean = (node.op == "call_method" and node.target == "mean") or (
+        node.op == "call_function" and node.target is torch.mean
+    )
+    if not is_mean or node.kwargs.get("dtype") is not None:
+        return False
+    dims = _mean_dims(node)
+    meta = getattr(node.args[0], "meta", {}).get("tensor_meta")
+    if not isinstance(dims, (list, tuple)) or meta is None or len(meta.shape) != 4:
+        return False
+    return sorted(d % 4 for d in dims if isinstance(d, int)) == [2, 3] and len(dims) == 2
+
+
+def lowering_of(node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
+    """The name of the rewrite `lower_for_onnxruntime` applies to `node`, or None."""
+    if node.op == "call_module":
+        return _LOWERED_MODULES.get(type(modules[node.target]))
+    if node.op == "call_function" and node.target in _LOWERED_FUNCTIONS:
+        return _LOWERED_FUNCTIONS[node.target]
+    return "spatial_mean" if _is_spatial_mean(node) else None
+
+
+def lower_for_onnxruntime(p: Placer) -> dict[str, int]:
+    """Rewrite SiLU, hard-swish, hard-sigmoid and spatial means (see the module docstring) into the same
+    function made of ops ONNX Runtime runs in integer. Returns how many of each were rewritten."""
+    counts: dict[str, int] = {}
+    for node in list(p.graph.nodes):
+        name = lowering_of(node, p.modules)
+        if name is None:
+            continue
+        with p.graph.inserting_before(node):
+            new = _LOWERINGS[name](p, node)
+        node.replace_all_uses_with(new)
+        p.graph.erase_node(node)
+        counts[name] = counts.get(name, 0) + 1
+    if counts:
+        p.gm.delete_all_unused_submodules()
+        p.modules = dict(p.gm.named_modules())
+    return counts
 
 
 def place_tensorrt(p: Placer, skip_layers: set[str]) -> None:
@@ -507,12 +706,13 @@ def build_quantized(
     gm = trace(copy.deepcopy(model).eval())
     _sanitize(gm)
     _fold_and_swap(gm, set(spec.skip_layers), spec.freeze_bn)
-    placer = Placer(gm, profile.act_symmetric)
+    placer = Placer(gm, profile.act_symmetric, example_input)
     (place or profile.place)(placer, set(spec.skip_layers))
     gm.graph.lint()
     gm.recompile()
     gm.meta[META_KEY] = spec
     gm.meta[FLOAT_SHAPES_KEY] = model_shapes(model)  # what a checkpoint rebuilds before re-quantizing
+    gm.meta[SURGERY_META_KEY] = surgery_of(model)  # ... after applying the surgeries again
     with torch.no_grad():
         gm(example_input)  # fail here, not in the training loop, when the graph is broken
     return gm.train(was_training)
