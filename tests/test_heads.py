@@ -24,6 +24,15 @@ HEADS = {
 }
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread: on two shared cores, two threads per process spin and run several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("name", HEADS)
 def test_every_head_kind_gets_the_class_count_in_eval_and_training(name):
     size = 80 if name == "inception_v3" else 64
