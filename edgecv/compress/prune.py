@@ -8,7 +8,7 @@ Channel counts are planned here, not by torch-pruning's `round_to`: each group o
 multiple of `round_to` channels, counted over all its convolution groups (torch-pruning rounds a grouped
 convolution's per-group count as if it were the whole layer, and misses the asked MACs). For
 `target_macs`, channels are removed one quantum at a time from the group that keeps the largest fraction,
-and the number of quanta is searched on the MACs the pruned model really has.
+pruning one model in place on one dependency graph, until the MACs the pruned model really has fit.
 
 torch-pruning's graph analysis runs under a time limit, and its failures (a channel shuffle it cannot
 follow, window attention whose analysis does not finish) become one line naming the model and the layer.
@@ -202,7 +202,7 @@ class PrunableGroup:
         return [self.channels] + [k for k in below if k < self.channels]
 
 
-def _slots(dg: tp.DependencyGraph, group) -> int:
+def _slots(group) -> int:
     """Convolution groups of a pruning group (torch-pruning prunes the same index in each); depthwise
     convolutions couple their input and output instead and count as one."""
     slots = [1]
@@ -215,25 +215,79 @@ def _slots(dg: tp.DependencyGraph, group) -> int:
     return max(slots)
 
 
+class GroupPruner:
+    """One torch-pruning dependency graph of `model`, pruned in place, plan after plan, without rebuilding
+    the graph (the costly part). Channels are removed by `cfg.importance` within each group, the same
+    channel index in every convolution group, as torch-pruning's MetaPruner does."""
+
+    def __init__(self, model: nn.Module, cfg: PruneConfig, example_input: torch.Tensor, batches: list) -> None:
+        self.model, self.cfg, self.example_input, self.batches = model.eval(), cfg, example_input, batches
+        names = {m: n for n, m in model.named_modules()}
+        round_to = cfg.round_to or 1
+
+        def build() -> None:
+            ignored = _ignored_layers(model, cfg.ignore, example_input)
+            self.dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
+            self.groups, self.roots, self.effects = [], {}, {}
+            for group in self.dg.get_all_groups(ignored_layers=ignored, root_module_types=ROOT_TYPES):
+                root = group[0].dep.target.module
+                slots = _slots(group)
+                channels = self.dg.get_out_channels(root) // slots
+                quantum = round_to // math.gcd(round_to, slots)
+                self.groups.append(PrunableGroup(names[root], channels, slots, quantum))
+                self.roots[names[root]] = root
+                self.effects[names[root]] = self._effects(group, names)
+
+        _guarded(model, cfg.graph_timeout, build)
+        self.plan = {g.root: g.channels for g in self.groups}
+        self.trials = 0  # MACs measurements of a target_macs walk
+
+    def _effects(self, group, names: dict) -> list[tuple[str, str, float]]:
+        """(layer, "out" | "in", channels) of each Conv/Linear a group prunes, per root channel removed:
+        what MacsModel needs to predict a plan's MACs without pruning."""
+        per_root = max(len(group[0].idxs), 1)
+        effects = []
+        for dep, idxs in group:
+            module = dep.target.module
+            if isinstance(module, (nn.Conv2d, nn.Linear)) and module in names:
+                side = "out" if self.dg.is_out_channel_pruning_fn(dep.handler) else "in"
+                effects.append((names[module], side, len(idxs) / per_root))
+        return effects
+
+    def prune_to(self, plan: dict[str, int]) -> None:
+        """Remove channels until each group keeps `plan[root]` per convolution group (never adds back)."""
+        _guarded(self.model, self.cfg.graph_timeout, lambda: self._prune_to(plan))
+        self.plan = {root: min(keep, plan[root]) for root, keep in self.plan.items()}
+
+    def _prune_to(self, plan: dict[str, int]) -> None:
+        if self.cfg.importance == "taylor":
+            if not self.batches:
+                raise EdgecvError("prune.importance 'taylor' needs training batches to score channels")
+            self.model.zero_grad()
+            for x, y in self.batches[: self.cfg.taylor_batches or TAYLOR_BATCHES]:
+                F.cross_entropy(self.model(x), y).backward()
+        importance = IMPORTANCES.get(self.cfg.importance)()
+        removals = []  # every group scored before any is pruned, as MetaPruner does
+        for g in self.groups:
+            current, keep = self.plan[g.root], plan[g.root]
+            if keep >= current:
+                continue
+            root = self.roots[g.root]
+            prune_out = self.dg.get_pruner_of_module(root).prune_out_channels
+            scores = importance(self.dg.get_pruning_group(root, prune_out, list(range(current * g.slots))))
+            if scores is None:
+                continue
+            drop = torch.argsort(scores.view(g.slots, current).mean(0))[: current - keep]
+            removals.append((root, prune_out, torch.cat([drop + s * current for s in range(g.slots)]).tolist()))
+        for root, prune_out, idxs in removals:
+            self.dg.get_pruning_group(root, prune_out, idxs).prune()
+        self.model.zero_grad(set_to_none=True)
+
+
 def analyse(model: nn.Module, cfg: PruneConfig, example_input: torch.Tensor) -> list[PrunableGroup]:
     """torch-pruning's groups of `model` (the classifier and `cfg.ignore` excluded), under the time limit.
     Raises a one-line EdgecvError for a model torch-pruning cannot prune: a check that needs no training."""
-    model = model.eval()
-    names = {m: n for n, m in model.named_modules()}
-    round_to = cfg.round_to or 1
-
-    def work() -> list[PrunableGroup]:
-        ignored = _ignored_layers(model, cfg.ignore, example_input)
-        dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
-        groups = []
-        for group in dg.get_all_groups(ignored_layers=ignored, root_module_types=ROOT_TYPES):
-            root = group[0].dep.target.module
-            slots = _slots(dg, group)
-            channels = dg.get_out_channels(root) // slots
-            groups.append(PrunableGroup(names[root], channels, slots, round_to // math.gcd(round_to, slots)))
-        return groups
-
-    return _guarded(model, cfg.graph_timeout, work)
+    return GroupPruner(model, cfg, example_input, []).groups
 
 
 # ---- channel plans ---------------------------------------------------------------------------------
@@ -250,18 +304,17 @@ def plan_for_ratio(groups: list[PrunableGroup], ratio: float) -> dict[str, int]:
 
 
 def removal_order(groups: list[PrunableGroup]) -> list[tuple[str, int]]:
-    """(group, channels kept) steps from the full model to the smallest, one quantum at a time, always from
-    the group that keeps the largest fraction of its channels: every prefix is a near-uniform pruning."""
-    levels = {g.root: g.levels() for g in groups}
-    position = {g.root: 0 for g in groups}
+    """(group, channels kept) steps from the full model to the smallest, one quantum at a time. A step from
+    keeping fraction a to b of a group's channels comes when a uniform fraction t, falling from 1, passes
+    (a + b) / 2: every prefix is the uniform pruning at t rounded to each group's nearest level, and a group
+    with coarse steps (few channels per convolution group) takes them away from where t ends."""
     steps = []
-    while True:
-        candidates = [r for r in levels if position[r] + 1 < len(levels[r])]
-        if not candidates:
-            return steps
-        root = max(candidates, key=lambda r: levels[r][position[r] + 1] / levels[r][0])
-        position[root] += 1
-        steps.append((root, levels[root][position[root]]))
+    for g in groups:
+        levels = g.levels()
+        for a, b in zip(levels, levels[1:], strict=False):
+            steps.append(((a + b) / (2 * g.channels), g.root, b))
+    steps.sort(key=lambda s: -s[0])  # stable: groups in graph order at equal fractions
+    return [(root, keep) for _, root, keep in steps]
 
 
 def plan_after(groups: list[PrunableGroup], order: list[tuple[str, int]], n: int) -> dict[str, int]:
@@ -280,49 +333,109 @@ def removed_fraction(groups: list[PrunableGroup], plan: dict[str, int]) -> float
 # ---- pruning ---------------------------------------------------------------------------------------
 
 
-def _score_and_step(model: nn.Module, pruner, cfg: PruneConfig, batches: list) -> None:
-    for _ in range(cfg.iterative_steps):
-        if cfg.importance == "taylor":
-            if not batches:
-                raise EdgecvError("prune.importance 'taylor' needs training batches to score channels")
-            model.zero_grad()
-            for x, y in batches[: cfg.taylor_batches or TAYLOR_BATCHES]:
-                F.cross_entropy(model(x), y).backward()
-        pruner.step()
-    model.zero_grad(set_to_none=True)
+def _macs(model: nn.Module, example_input: torch.Tensor) -> int:
+    return count_macs_params(model, example_input)[0]
 
 
-def prune_to_plan(
-    model: nn.Module, plan: dict[str, int], groups: list[PrunableGroup], cfg: PruneConfig,
-    example_input: torch.Tensor, batches: list,
-) -> nn.Module:  # fmt: skip
-    """Prune `model` in place so that each group keeps `plan[root]` channels per convolution group."""
-    modules = dict(model.named_modules())
-    ratios = {}
-    for g in groups:
-        if plan[g.root] < g.channels:  # +0.5: torch-pruning keeps int(channels * (1 - ratio)) channels
-            ratios[modules[g.root]] = 1.0 - (plan[g.root] + 0.5) / g.channels
+class MacsModel:
+    """Predicts the MACs of a channel plan from each Conv/Linear layer's channel counts and output size (one
+    forward pass), without pruning: conv MACs = output pixels x kernel x input channels per group x output
+    channels. Other ops (BatchNorm, activations, pooling) are scaled with the layers' output sizes."""
 
-    def work() -> nn.Module:
-        pruner = tp.pruner.MetaPruner(
-            model,
-            example_input,
-            IMPORTANCES.get(cfg.importance)(),
-            pruning_ratio=0.0,
-            pruning_ratio_dict=ratios,
-            iterative_steps=cfg.iterative_steps,
-            ignored_layers=_ignored_layers(model, cfg.ignore, example_input),
-        )
-        _score_and_step(model, pruner, cfg, batches)
-        return model
+    def __init__(self, pruner: GroupPruner, base_macs: int) -> None:
+        self.pruner = pruner
+        self.layers: dict[str, tuple[nn.Module, float]] = {}  # name -> (layer, output positions per image)
+        hooks = []
+        for name, m in pruner.model.named_modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
 
-    return _guarded(model, cfg.graph_timeout, work)
+                def hook(mod, _inputs, out, name=name) -> None:
+                    width = mod.out_channels if isinstance(mod, nn.Conv2d) else mod.out_features
+                    self.layers[name] = (mod, out.numel() / out.shape[0] / width)
+
+                hooks.append(m.register_forward_hook(hook))
+        try:
+            with torch.no_grad():
+                pruner.model(pruner.example_input[:1])
+        finally:
+            for h in hooks:
+                h.remove()
+        self.shapes = {n: self._channels(m) for n, (m, _) in self.layers.items()}
+        full = {g.root: g.channels for g in pruner.groups}
+        layer_macs, activations = self._count(full)
+        self.other_per_activation = max(base_macs - layer_macs, 0) / max(activations, 1)
+
+    @staticmethod
+    def _channels(m: nn.Module) -> tuple[int, int, int, int]:
+        """(in, out, groups, kernel elements) of a Conv2d or Linear."""
+        if isinstance(m, nn.Conv2d):
+            return m.in_channels, m.out_channels, m.groups, m.kernel_size[0] * m.kernel_size[1]
+        return m.in_features, m.out_features, 1, 1
+
+    def _count(self, plan: dict[str, int]) -> tuple[float, float]:
+        removed = {n: [0.0, 0.0] for n in self.layers}  # [in, out] channels removed per layer
+        for g in self.pruner.groups:
+            lost = (g.channels - plan[g.root]) * g.slots
+            for name, side, per_root in self.pruner.effects[g.root] if lost else []:
+                if name in removed:
+                    removed[name][side == "out"] += lost * per_root
+        macs = activations = 0.0
+        for name, (_, positions) in self.layers.items():
+            c_in, c_out, groups, kernel = self.shapes[name]
+            c_in, c_out = c_in - removed[name][0], c_out - removed[name][1]
+            per_group = 1.0 if groups > 1 and groups == self.shapes[name][0] else c_in / groups  # depthwise: 1
+            macs += positions * kernel * per_group * c_out
+            activations += positions * c_out
+        return macs, activations
+
+    def __call__(self, plan: dict[str, int]) -> float:
+        macs, activations = self._count(plan)
+        return macs + self.other_per_activation * activations
+
+
+def choose_plan(
+    groups: list[PrunableGroup], predict: MacsModel, budget: float, start: dict[str, int] | None = None
+) -> dict[str, int]:
+    """Walk removal_order from `start` (default: the full model), taking each step unless it would land
+    more than half the tolerance under `budget` (a coarse step there is skipped for finer ones), until the
+    predicted MACs fit `budget`."""
+    plan = dict(start or {g.root: g.channels for g in groups})
+    floor = budget * (1.0 - MACS_TOLERANCE / 2)
+    macs = predict(plan)
+    for root, keep in removal_order(groups):
+        if macs <= budget:
+            break
+        if keep >= plan[root]:
+            continue
+        trial = {**plan, root: keep}
+        trial_macs = predict(trial)
+        if trial_macs < floor:
+            continue
+        plan, macs = trial, trial_macs
+    return plan
+
+
+def _prune_to_macs(pruner: GroupPruner, budget: float, base_macs: int) -> tuple[dict[str, int], int]:
+    """Prune to the plan whose predicted MACs fit `budget`, measure the real MACs, and continue with the
+    prediction corrected by what was measured while they are over budget (a few rounds at most)."""
+    predict = MacsModel(pruner, base_macs)
+    scale = 1.0  # measured / predicted MACs, from the last round
+    plan = pruner.plan
+    for _ in range(4):
+        plan = choose_plan(pruner.groups, lambda p, s=scale: predict(p) * s, budget, start=pruner.plan)
+        pruner.prune_to(plan)
+        macs = _macs(pruner.model, pruner.example_input)
+        pruner.trials += 1
+        if macs <= budget:
+            return plan, macs
+        scale = macs / max(predict(plan), 1.0)
+    return plan, macs
 
 
 def _prune_global(
     model: nn.Module, ratio: float, cfg: PruneConfig, example_input: torch.Tensor, batches: list
 ) -> nn.Module:
-    """global_pruning: torch-pruning ranks channels across layers and applies round_to itself."""
+    """global_pruning: torch-pruning's MetaPruner ranks channels across layers and applies round_to."""
 
     def work() -> nn.Module:
         pruner = tp.pruner.MetaPruner(
@@ -335,55 +448,36 @@ def _prune_global(
             round_to=cfg.round_to,
             global_pruning=True,
         )
-        _score_and_step(model, pruner, cfg, batches)
+        for _ in range(cfg.iterative_steps):
+            if cfg.importance == "taylor":
+                if not batches:
+                    raise EdgecvError("prune.importance 'taylor' needs training batches to score channels")
+                model.zero_grad()
+                for x, y in batches[: cfg.taylor_batches or TAYLOR_BATCHES]:
+                    F.cross_entropy(model(x), y).backward()
+            pruner.step()
+        model.zero_grad(set_to_none=True)
         return model
 
     return _guarded(model, cfg.graph_timeout, work)
 
 
-class _MacsSearch:
-    """Prunes copies of one model and remembers each result's MACs."""
-
-    def __init__(self, model: nn.Module, cfg: PruneConfig, example_input: torch.Tensor, batches: list) -> None:
-        self.model, self.cfg, self.example_input, self.batches = model, cfg, example_input, batches
-        self.trials = 0
-
-    def measure(self, pruned: nn.Module) -> int:
-        self.trials += 1
-        return count_macs_params(pruned, self.example_input)[0]
-
-
-def _search_plan(
-    search: _MacsSearch, groups: list[PrunableGroup], budget: float, base_macs: int
-) -> tuple[nn.Module, dict[str, int], int]:
-    """The least-pruned plan along removal_order whose MACs fit `budget`, found by false position on the
-    number of removed quanta (MACs fall monotonically along the order); stops within 1 % under budget."""
-    order = removal_order(groups)
-
-    def pruned_at(n: int) -> tuple[nn.Module, int]:
-        plan = plan_after(groups, order, n)
-        m = prune_to_plan(copy.deepcopy(search.model), plan, groups, search.cfg, search.example_input,
-                          search.batches)
-        return m, search.measure(m)
-
-    lo, lo_macs = 0, base_macs  # lo: over budget, hi: within it
-    hi = len(order)
-    best, hi_macs = pruned_at(hi)
-    if hi_macs > budget:
-        return best, plan_after(groups, order, hi), hi_macs
-    step = 0
-    while hi - lo > 1 and hi_macs < 0.99 * budget:
-        step += 1
-        guess = lo + (hi - lo) * (lo_macs - budget) / max(lo_macs - hi_macs, 1)
-        n = min(max(int(round(guess)), lo + 1), hi - 1)
-        if step % 3 == 0:  # every third trial halves the bracket: false position alone can stall
-            n = (lo + hi) // 2
-        model, macs = pruned_at(n)
-        if macs <= budget:
-            hi, hi_macs, best = n, macs, model
+def _prune_global_search(
+    model: nn.Module, cfg: PruneConfig, example_input: torch.Tensor, batches: list, base_macs: int
+) -> tuple[nn.Module, float, int]:
+    if cfg.ratio is not None:
+        return _prune_global(copy.deepcopy(model), cfg.ratio, cfg, example_input, batches), cfg.ratio, 1
+    lo, hi, best = 0.0, 0.95, None
+    for _ in range(12):  # bisection on the global channel ratio until the MACs fit
+        mid = (lo + hi) / 2
+        trial = _prune_global(copy.deepcopy(model), mid, cfg, example_input, batches)
+        if _macs(trial, example_input) <= cfg.target_macs * base_macs:
+            best, hi = (trial, mid), mid
         else:
-            lo, lo_macs = n, macs
-    return best, plan_after(groups, order, hi), hi_macs
+            lo = mid
+    if best is None:
+        raise EdgecvError(f"prune.target_macs {cfg.target_macs}: cannot reach it even at ratio 0.95")
+    return best[0], best[1], 12
 
 
 def prune_model(
@@ -396,17 +490,19 @@ def prune_model(
     base_macs, base_params = count_macs_params(base, example_input)
     with torch.no_grad():
         classes = base(example_input).shape[1:]
-    search = _MacsSearch(base, cfg, example_input, batches)
     if cfg.global_pruning:
-        pruned, ratio = _prune_global_search(search, base_macs)
+        pruned, ratio, trials = _prune_global_search(base, cfg, example_input, batches, base_macs)
     else:
-        groups = analyse(base, cfg, example_input)
+        pruner = GroupPruner(copy.deepcopy(base), cfg, example_input, batches)
         if cfg.ratio is not None:
-            plan = plan_for_ratio(groups, cfg.ratio)
-            pruned = prune_to_plan(copy.deepcopy(base), plan, groups, cfg, example_input, batches)
+            plan = plan_for_ratio(pruner.groups, cfg.ratio)
+            for step in range(1, cfg.iterative_steps + 1):  # iterative: the widths shrink in equal steps
+                pruner.prune_to(plan_for_ratio(pruner.groups, cfg.ratio * step / cfg.iterative_steps))
+            trials = 1
         else:
-            pruned, plan, _ = _search_plan(search, groups, cfg.target_macs * base_macs, base_macs)
-        ratio = removed_fraction(groups, plan)
+            plan, _ = _prune_to_macs(pruner, cfg.target_macs * base_macs, base_macs)
+            trials = pruner.trials
+        pruned, ratio = pruner.model, removed_fraction(pruner.groups, plan)
     pruned.eval()
     macs, params = count_macs_params(pruned, example_input)
     _check_result(pruned, cfg, example_input, classes, macs / base_macs)
@@ -417,26 +513,8 @@ def prune_model(
         "macs_kept": round(macs / base_macs, 4),
         "params_before": base_params,
         "params_after": params,
-        "trials": max(search.trials, 1),
+        "trials": trials,
     }
-
-
-def _prune_global_search(search: _MacsSearch, base_macs: int) -> tuple[nn.Module, float]:
-    cfg = search.cfg
-    if cfg.ratio is not None:
-        model = copy.deepcopy(search.model)
-        return _prune_global(model, cfg.ratio, cfg, search.example_input, search.batches), cfg.ratio
-    lo, hi, best = 0.0, 0.95, None
-    for _ in range(12):  # bisection on the global channel ratio until the MACs fit
-        mid = (lo + hi) / 2
-        trial = _prune_global(copy.deepcopy(search.model), mid, cfg, search.example_input, search.batches)
-        if search.measure(trial) <= cfg.target_macs * base_macs:
-            best, hi = (trial, mid), mid
-        else:
-            lo = mid
-    if best is None:
-        raise EdgecvError(f"prune.target_macs {cfg.target_macs}: cannot reach it even at ratio 0.95")
-    return best
 
 
 def _check_result(
