@@ -62,3 +62,17 @@ def test_an_unreachable_macs_ask_is_refused_not_missed():
     model = build_model("edgecv:resnet8", 4, 3, 16, width=8).eval()  # 8/16/32 channels: round_to 32 cannot cut
     with pytest.raises(EdgecvError, match=r"prune.target_macs 0.5: the pruned CifarResNet keeps 1.000 of its MACs"):
         prune_model(model, PruneConfig(target_macs=0.5, round_to=32), torch.zeros(1, 3, 16, 16))
+
+
+def test_a_pruned_convnext_reloads_with_its_layer_norms_and_layer_scales(tmp_path):
+    from edgecv.checkpoint import load_model, save_model
+    from edgecv.models.spec import ModelSpec
+
+    spec = ModelSpec("torchvision:convnext_tiny", 10, 3, 32, small_input_stem=False)
+    model = build_model(spec.name, **spec.build_kwargs()).eval()
+    pruned, _ = prune_model(model, PruneConfig(target_macs=0.5, round_to=8), spec.example_input())
+    assert pruned.features[1][0].layer_scale.shape[0] < 96  # torch-pruning resized the free parameter
+    save_model(tmp_path / "model.pt", pruned, spec)
+    reloaded, _ = load_model(tmp_path / "model.pt")
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(reloaded(x), pruned(x))
