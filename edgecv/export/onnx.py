@@ -21,7 +21,14 @@ import torch
 from onnx import helper, numpy_helper
 from torch import nn
 
-from edgecv.compress.quantize import PROFILES, QuantConv2d, is_quantized, quant_spec
+from edgecv.compress.quantize import (
+    PROFILES,
+    FakeQuantize,
+    QuantConv2d,
+    QuantLinear,
+    is_quantized,
+    quant_spec,
+)
 from edgecv.errors import EdgecvError
 
 
@@ -115,13 +122,45 @@ def _export_failure(model: nn.Module, example_input: torch.Tensor, exc: Exceptio
     return f"{what}: {first.split(' [Caused by')[0][:200]}"
 
 
+class FrozenQuantize(nn.Module):
+    """A FakeQuantize with its scale and zero point computed once, as constants. It computes the same values
+    in eval mode and exports to the same QuantizeLinear/DequantizeLinear, without the range arithmetic the
+    exporter would otherwise trace, optimize and fold for every quantizer (most of the export time)."""
+
+    def __init__(self, quantizer: FakeQuantize, weight: torch.Tensor | None = None) -> None:
+        super().__init__()
+        with torch.no_grad():
+            scale, zero_point = quantizer.qparams(weight)
+        self.register_buffer("scale", scale.detach().clone())
+        self.register_buffer("zero_point", zero_point.detach().clone())
+        self.enabled = bool(quantizer.enabled)
+        self.per_channel = quantizer.channels is not None
+        self.axis, self.quant_min, self.quant_max = quantizer.axis, quantizer.quant_min, quantizer.quant_max
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        if self.per_channel:
+            return torch.fake_quantize_per_channel_affine(
+                x, self.scale, self.zero_point, self.axis, self.quant_min, self.quant_max
+            )
+        return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, self.quant_min, self.quant_max)
+
+
 def for_export(qmodel: nn.Module) -> nn.Module:
-    """A copy of a fake-quant model with simulated BatchNorm folding (freeze_bn=False) made real."""
+    """A copy of a fake-quant model for export: simulated BatchNorm folding (freeze_bn=False) made real, and
+    every quantizer frozen to its constant scale and zero point."""
     qmodel = copy.deepcopy(qmodel).eval()
     for name, m in list(qmodel.named_modules()):
         if isinstance(m, QuantConv2d) and m.bn is not None:
             parent_name, _, attr = name.rpartition(".")
             setattr(qmodel.get_submodule(parent_name) if parent_name else qmodel, attr, m.folded().eval())
+    for name, m in list(qmodel.named_modules()):
+        if isinstance(m, (QuantConv2d, QuantLinear)):
+            m.weight_quant = FrozenQuantize(m.weight_quant, m.weight)
+        elif isinstance(m, FakeQuantize) and not m.is_weight:
+            parent_name, _, attr = name.rpartition(".")
+            setattr(qmodel.get_submodule(parent_name) if parent_name else qmodel, attr, FrozenQuantize(m))
     return qmodel
 
 
