@@ -107,12 +107,13 @@ class Pipeline:
     def run(self, only_train: bool = False, report: bool = True, stop_before: tuple[str, ...] = ()) -> dict:
         t_start = time.perf_counter()
         self._preflight(only_train)
-        if self.dist.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.run_dir / "recipe.resolved.yaml", dump_recipe(self.recipe))
         data = build_data(self.recipe.data, self.data_root, seed=self.recipe.seed, rank=self.dist.rank,
                           world_size=self.dist.world_size, device=self.device)
         spec = model_spec(self.recipe, data)
+        preflight_model(spec, [] if only_train else list(self.recipe.stages))  # before anything is written
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.run_dir / "recipe.resolved.yaml", dump_recipe(self.recipe))
         manifest = broadcast_object(self._read_manifest() if self.dist.is_main else None, self.dist)
         old = {e["dir"]: e for e in manifest.get("stages", [])}
         state = RunState(previous=self.recipe.fingerprint(spec.to_dict(), self.recipe.data.model_dump(),
@@ -169,6 +170,7 @@ class Pipeline:
         console.rule(f"[bold]{stage_dir.name}")
         t0 = time.perf_counter()
         state.model = STAGES.get(name).run(state.model, cfg, ctx)
+        check_class_outputs(state.model, spec, f"stage {name!r}")
         entry.update(status="done", wall_s=round(time.perf_counter() - t0, 2), metrics=ctx.metrics,
                      finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
         if name != "export":
@@ -190,6 +192,76 @@ class Pipeline:
         state.outputs[name] = model_file
         if not entry["quantized"]:
             state.float_parent = model_file
+
+
+def check_class_outputs(model: nn.Module, spec: ModelSpec, what: str, training_too: bool = False) -> None:
+    """`model` in eval mode (and in training mode with `training_too`: it changes BatchNorm statistics)
+    returns one tensor of spec.num_classes scores per image; anything else is refused here rather than
+    trained or exported."""
+    param = next(model.parameters(), None)
+    x = spec.example_input(2).to(param.device if param is not None else "cpu")
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            outputs = [model.eval()(x)] + ([model.train()(x)] if training_too else [])
+    except EdgecvError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a model that does not run at this size, for one
+        size = f"{spec.in_channels}x{spec.image_size}x{spec.image_size}"
+        raise EdgecvError(f"{what} ({spec.name}) does not run on {size} inputs "
+                          f"({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:160]})") from None
+    finally:
+        model.train(was_training)
+    for out in outputs:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        if shape != (2, spec.num_classes):
+            raise EdgecvError(f"{what} ({spec.name}) returns {shape} for 2 images, not 2 x {spec.num_classes} "
+                              "class scores: its classifier was not adapted to the dataset's classes")
+
+
+def preflight_model(spec: ModelSpec, stages: list) -> None:
+    """Walk a fresh model through what the recipe's stages will do to it (its head, the pruning graph, the
+    fake-quant trace, ONNX export at the recipe's resolution and one ONNX Runtime run of the INT8 file), so
+    that a model that cannot go through a stage is refused in one line before any training."""
+    import tempfile
+
+    from edgecv.models import build_model
+
+    model = build_model(spec.name, weights=None, **spec.build_kwargs())
+    check_class_outputs(model, spec, "the model", training_too=True)
+    example = spec.example_input()
+    names = [s.stage for s in stages]
+    with tempfile.TemporaryDirectory(prefix="edgecv-preflight-") as tmp:
+        for i, cfg in enumerate(stages):
+            where = f"stages[{i}].{cfg.stage}"
+            try:
+                if cfg.stage == "prune":
+                    from edgecv.compress.prune import analyse
+
+                    analyse(model, cfg, example)
+                elif cfg.stage in ("ptq", "qat") and "export" in names:
+                    _int8_preflight(model, cfg.target, example, Path(tmp))
+                elif cfg.stage == "export":
+                    from edgecv.export.onnx import export_onnx
+
+                    export_onnx(model, Path(tmp) / "model.onnx", example)
+            except EdgecvError as exc:
+                inner = str(exc)
+                for step in ("prune: ", "quantize: ", "export: "):
+                    inner = inner.removeprefix(step)
+                raise EdgecvError(f"{where}: {inner} (model {spec.name}, checked before training)") from None
+
+
+def _int8_preflight(model: nn.Module, target: str, example: torch.Tensor, tmp: Path) -> None:
+    """Trace for `target`, calibrate on noise, export, and run the INT8 file once in ONNX Runtime."""
+    from edgecv.compress.quantize import apply_calibrator, collect_stats, prepare_qat
+    from edgecv.export.onnx import check_parity, export_onnx
+
+    qmodel = prepare_qat(model, target, example)
+    noise = torch.randn(4, *example.shape[1:], generator=torch.Generator().manual_seed(0))
+    apply_calibrator(qmodel, collect_stats(qmodel, [noise]), "max")
+    path = export_onnx(qmodel, tmp / f"{target}.int8.onnx", example)
+    check_parity(qmodel, path, noise, int8=True)  # raises when ONNX Runtime cannot run the file
 
 
 def _finished(entry: dict | None, fingerprint: str, stage_dir: Path, name: str) -> bool:

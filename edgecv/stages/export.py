@@ -99,6 +99,11 @@ def _int8_file(model: nn.Module, out: Path, cfg: ExportConfig, ctx: StageContext
         f"{len(report['float_ops'])} float Conv/Gemm/Add/pool ops"
         + (f", {len(report['violations'])} rule violations" if report.get("violations") else "")
     )
+    weighted = [f for f in report["float_ops"] if f["op_type"] in ("Conv", "Gemm", "MatMul", "FusedConv")]
+    for f in weighted[:5]:
+        console.print(f"  float {f['op_type']} {f['name']}: {f['reason']}")
+    if len(weighted) > 5:
+        console.print(f"  ... and {len(weighted) - 5} more float Conv/Gemm ops (edgecv inspect {path} lists them)")
     return {**info, "target": target, "inspect": report}
 
 
@@ -182,9 +187,8 @@ def export_stage(model: nn.Module, cfg: ExportConfig, ctx: StageContext) -> nn.M
         if info["format"] == "engine":
             continue
         p = info.get("parity") or {}
-        what = (f"top-1 agreement {100 * p.get('top1_agreement', 0):.2f}%" if "int8" in name
-                else f"max |diff| {p.get('max_abs_diff', 0):.2e}")
-        what += f", logit SQNR {p['sqnr_db']:.1f} dB" if "sqnr_db" in p and "int8" in name else ""
+        what = (f"logit SQNR {p.get('sqnr_db', 0):.1f} dB, top-1 agreement {100 * p.get('top1_agreement', 0):.2f}%"
+                if "int8" in name else f"max |diff| {p.get('max_abs_diff', 0):.2e}")
         console.print(f"wrote {out / name} ({info.get('size_bytes', 0):,} bytes; parity vs torch: {what})")
     return model
 
@@ -286,9 +290,16 @@ def _require_parity(path: Path, parity: dict, int8: bool) -> None:
     if parity.get("ok"):
         return
     if int8:
+        from edgecv.export.onnx import INT8_MIN_AGREEMENT, INT8_MIN_SQNR_DB
+
+        decided = parity["decided_agreement"]
         raise EdgecvError(
-            f"export: {path.name} disagrees with the torch model: top-1 agreement "
-            f"{100 * parity['top1_agreement']:.2f}% < 99% on {parity['n']} validation images"
+            f"export: {path.name} disagrees with the fake-quant torch model on {parity['n']} validation images: "
+            f"logit SQNR {parity['sqnr_db']:.1f} dB, worst class {parity['worst_class_sqnr_db']:.1f} dB "
+            f"(needs >= {INT8_MIN_SQNR_DB:g}); top-1 agreement "
+            + (f"{100 * decided:.1f}% on the {parity['decided']} images decided beyond the quantization noise "
+               f"(needs >= {100 * INT8_MIN_AGREEMENT:g}%), " if decided is not None else "")
+            + f"{100 * parity['top1_agreement']:.1f}% on all"
         )
     raise EdgecvError(
         f"export: {path.name} differs from the torch model: max |diff| {parity['max_abs_diff']:.3g} > "

@@ -373,6 +373,33 @@ def _global_pool_pixels(node: fx.Node) -> int | None:
     return int(in_meta.shape[2] * in_meta.shape[3]) if is_global else None
 
 
+class PooledFakeQuantize(FakeQuantize):
+    """The output quantizer of an average pool for ONNX Runtime. QLinearGlobalAveragePool refuses an input /
+    output scale ratio outside [2^-32, 256) ("parameter out of computation range!"), which a pooled range that
+    collapsed to zero (scale 1) next to a tiny but live input range gives it. An average never leaves its
+    input's range, so a scale above the input's is never needed: there the input's scale and zero point are
+    used. The input quantizer is referenced, not owned, so the state_dict is that of a FakeQuantize."""
+
+    def bind(self, source: FakeQuantize) -> PooledFakeQuantize:
+        object.__setattr__(self, "_source", source)  # not a submodule: no state_dict entry
+        return self
+
+    def qparams(self, x: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        scale, zero_point = super().qparams(x)
+        source = self.__dict__.get("_source")
+        if source is None or not bool(source.enabled):
+            return scale, zero_point
+        source_scale, source_zero_point = source.qparams()
+        wider = scale > source_scale
+        return torch.where(wider, source_scale, scale), torch.where(wider, source_zero_point, zero_point)
+
+
+def _pooled_quantizer(p: Placer, qname: str, source: str) -> None:
+    old = p.gm.get_submodule(qname)
+    new = PooledFakeQuantize(symmetric=old.symmetric, max_range=old.max_range).bind(p.gm.get_submodule(source))
+    _set_module(p.gm, qname, new)
+
+
 def place_onnxruntime(p: Placer, skip_layers: set[str]) -> None:
     if p.example_input is not None:  # tensor ranks and pool sizes for the rewrites below
         from torch.fx.passes.shape_prop import ShapeProp
@@ -414,6 +441,7 @@ def place_onnxruntime(p: Placer, skip_layers: set[str]) -> None:
             p.apply(node, p.ensure_quantized(args[0]))  # input and output share one scale / zero point
         elif kind == "avgpool":
             in_q, out_q = p.ensure_quantized(args[0]), p.quantize_output(node)
+            _pooled_quantizer(p, out_q, in_q)  # the output scale never above the input's
             pixels = _global_pool_pixels(node)
             if pixels:  # QLinearGlobalAveragePool runs only while in scale / (out scale x pixels) < 256
                 p.gm.get_submodule(out_q).set_scale_floor(p.gm.get_submodule(in_q), 1.0 / (255.0 * pixels))
