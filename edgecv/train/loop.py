@@ -91,7 +91,8 @@ def fit(
         loss_fn = CrossEntropy(cfg.label_smoothing)
     if isinstance(loss_fn, nn.Module):
         loss_fn.to(device)
-    optimizer = build_optimizer(model, cfg)
+    trainable = nn.ModuleList([model, loss_fn]) if isinstance(loss_fn, nn.Module) else model  # KD adapters
+    optimizer = build_optimizer(trainable, cfg)
     steps = len(train_loader)
     scheduler = build_scheduler(optimizer, cfg, steps)
     use_amp = cfg.amp and device.startswith("cuda")
