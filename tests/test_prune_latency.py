@@ -70,6 +70,8 @@ def test_exactly_one_goal_and_known_choices():
         PruneConfig(target_latency_ms=2.0, precision="int4")
     with pytest.raises(ValueError):
         PruneConfig(ratio=0.5, allocation="by-hand")
+    with pytest.raises(EdgecvError, match="needs the layers' measured latency table"):
+        prune_model(small_model(), PruneConfig(ratio=0.5, allocation="latency"), EXAMPLE)
 
 
 def test_latency_table_covers_every_group_and_steers_the_allocation():

@@ -517,6 +517,8 @@ def prune_model(
         classes = base(example_input).shape[1:]
     if cfg.target_latency_ms is not None:
         raise EdgecvError("prune.target_latency_ms is searched by prune_to_latency, with a measuring function")
+    if cfg.allocation == "latency" and latency_weights is None:
+        raise EdgecvError("prune.allocation 'latency' needs the layers' measured latency table (latency_table)")
     if cfg.global_pruning or cfg.allocation == "global":
         pruned, ratio, trials = _prune_global_search(base, cfg, example_input, batches, base_macs)
     elif latency_weights is not None:
