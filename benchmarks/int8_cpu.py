@@ -173,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     import onnxruntime
 
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    settings = BenchSettings(tuple(batch_sizes), args.warmup, args.runs, args.rounds, accuracy=False, memory=False)
+    settings = BenchSettings(tuple(batch_sizes), args.warmup, args.runs, args.rounds, accuracy=False, memory=False,
+                             frames=False)  # the models alone, from float tensors
     result = {
         "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "threads": THREADS,
                  "torch": torch.__version__, "onnxruntime": onnxruntime.__version__},

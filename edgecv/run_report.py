@@ -164,6 +164,8 @@ def _sections(manifest: dict, files: dict, recipe: Recipe) -> ReportSections:
         if "calibrators" in m:
             s.calibration = [{**c, "chosen": c["calibrator"] == m.get("calibrator")} for c in m["calibrators"]]
         s.skipped_layers = m.get("skipped_layers", s.skipped_layers)
+        s.distillation += m.get("distill_comparison", [])
+        s.prune_search += m.get("latency_search", [])
         s.stages.append({"stage": e["dir"], "status": e["status"], "wall_s": e.get("wall_s"), "top1": m.get("top1")})
     for name, info in files.items():
         if info.get("parity"):

@@ -44,7 +44,7 @@ def test_bundled_recipes_include_quickstart_and_imagenet():
         ({**BASE, "stages": [{"prnue": {"ratio": 0.5}}]}, "unknown stage 'prnue' (did you mean 'prune'?)"),
         ({**BASE, "stages": [{"prune": {"ratio": 1.5}}]}, "stages[0].prune.ratio: input should be less than 1"),
         ({**BASE, "stages": [{"prune": {"ratio": 0}}]}, "stages[0].prune.ratio: input should be greater than 0"),
-        ({**BASE, "stages": [{"prune": {}}]}, "exactly one of 'ratio' or 'target_macs'"),
+        ({**BASE, "stages": [{"prune": {}}]}, "exactly one of 'ratio', 'target_macs' or 'target_latency_ms'"),
         ({**BASE, "train": {"optimizer": "adam"}}, "train.optimizer: input should be 'sgd', 'adamw' or 'rmsprop' (got 'adam')"),
         ({**BASE, "train": {"epochs": "many"}}, "train.epochs: input should be a valid integer"),
         ({**BASE, "stages": [{"qat": {"target": "tflite"}}]},

@@ -23,7 +23,8 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +41,7 @@ from edgecv.registry import Registry
 IMPORTANCES: Registry[Callable[[], object]] = Registry("pruning importance")
 IMPORTANCES.register("l1", lambda: tp.importance.GroupMagnitudeImportance(p=1))
 IMPORTANCES.register("l2", lambda: tp.importance.GroupMagnitudeImportance(p=2))
+IMPORTANCES.register("bn_scale", lambda: tp.importance.BNScaleImportance())  # |gamma| of the group's norms
 IMPORTANCES.register("taylor", lambda: tp.importance.GroupTaylorImportance())
 IMPORTANCES.register("random", lambda: tp.importance.RandomImportance())
 
@@ -49,11 +51,29 @@ MACS_TOLERANCE = 0.05  # target_macs: the pruned model's MACs must be within thi
 ROOT_TYPES = [tp.ops.TORCH_CONV, tp.ops.TORCH_LINEAR, tp.ops.TORCH_LSTM]  # torch-pruning's group roots
 
 
+ALLOCATIONS = ("uniform", "global", "latency")  # how a pruning amount is shared among the layers
+MAX_RATIO = 0.9  # the most channels a search removes from a layer
+LATENCY_TOLERANCE = 0.10  # target_latency_ms: the chosen candidate is within this fraction of the target
+
+
 class PruneConfig(Strict):
-    """How to prune: by a channel ratio or to a fraction of the MACs, with an importance criterion."""
+    """How to prune: by a channel ratio, to a fraction of the MACs, or to a latency measured on a backend,
+    with an importance criterion and an allocation of the pruning among layers."""
 
     ratio: float | None = Field(None, gt=0.0, lt=1.0, description="fraction of channels removed")
     target_macs: float | None = Field(None, gt=0.0, lt=1.0, description="fraction of MACs kept")
+    target_latency_ms: float | None = Field(None, gt=0.0, description="latency to reach, measured on `backend`")
+    backend: str = Field("onnxruntime", description="target_latency_ms / allocation latency: where to measure")
+    precision: Literal["fp32", "int8"] = Field("fp32", description="the precision measured on the backend")
+    batch: int = Field(1, ge=1, description="batch size measured")
+    allocation: Literal["uniform", "global", "latency"] = Field(
+        "uniform", description="uniform: each layer the same ratio; global: ranked across layers; latency: "
+        "more where the measured time per channel is higher"
+    )
+    latency_widths: list[float] = Field(
+        default_factory=lambda: [0.75, 0.5], description="allocation latency: widths each layer is measured at"
+    )
+    search_steps: int = Field(8, ge=2, description="target_latency_ms: most bisection candidates measured")
     importance: registry_choice(lambda: IMPORTANCES) = "l2"  # type: ignore[valid-type]
     iterative_steps: int = Field(1, ge=1)
     ignore: list[str] = Field(default_factory=list, description="module names never pruned")
@@ -66,8 +86,11 @@ class PruneConfig(Strict):
 
     @model_validator(mode="after")
     def _one_goal(self) -> PruneConfig:
-        if (self.ratio is None) == (self.target_macs is None):
-            raise ValueError("prune needs exactly one of 'ratio' or 'target_macs'")
+        goals = [g for g in (self.ratio, self.target_macs, self.target_latency_ms) if g is not None]
+        if len(goals) != 1:
+            raise ValueError("prune needs exactly one of 'ratio', 'target_macs' or 'target_latency_ms'")
+        if self.global_pruning and self.allocation == "latency":
+            raise ValueError("global_pruning and allocation 'latency' exclude each other")
         if self.taylor_batches is not None and self.importance != "taylor":
             raise ValueError(f"taylor_batches: only importance 'taylor' takes it, not {self.importance!r}")
         return self
@@ -481,17 +504,25 @@ def _prune_global_search(
 
 
 def prune_model(
-    model: nn.Module, cfg: PruneConfig, example_input: torch.Tensor, batches: list | None = None
+    model: nn.Module, cfg: PruneConfig, example_input: torch.Tensor, batches: list | None = None,
+    latency_weights: dict[str, float] | None = None,
 ) -> tuple[nn.Module, dict]:
     """Return a pruned copy of `model` and a summary (MACs, params, ratio before/after). The class count is
-    unchanged, and with target_macs the MACs are within MACS_TOLERANCE of the ask, or this raises."""
+    unchanged, and with target_macs the MACs are within MACS_TOLERANCE of the ask, or this raises.
+    `latency_weights` (from `latency_weights`): each group's ratio scaled by its weight."""
     batches = batches or []
     base = copy.deepcopy(model).eval()
     base_macs, base_params = count_macs_params(base, example_input)
     with torch.no_grad():
         classes = base(example_input).shape[1:]
-    if cfg.global_pruning:
+    if cfg.target_latency_ms is not None:
+        raise EdgecvError("prune.target_latency_ms is searched by prune_to_latency, with a measuring function")
+    if cfg.allocation == "latency" and latency_weights is None:
+        raise EdgecvError("prune.allocation 'latency' needs the layers' measured latency table (latency_table)")
+    if cfg.global_pruning or cfg.allocation == "global":
         pruned, ratio, trials = _prune_global_search(base, cfg, example_input, batches, base_macs)
+    elif latency_weights is not None:
+        pruned, ratio, trials = _prune_weighted(base, cfg, example_input, batches, base_macs, latency_weights)
     else:
         pruner = GroupPruner(copy.deepcopy(base), cfg, example_input, batches)
         if cfg.ratio is not None:
@@ -534,3 +565,165 @@ def _check_result(
             f"MACs, more than {100 * MACS_TOLERANCE:g} % away from the ask"
             + (" (round_to steps are too coarse for this model: lower prune.round_to)" if cfg.round_to else "")
         )
+
+
+# ---- latency-aware allocation and the measured latency search --------------------------------------
+
+MeasureMs = Callable[[list[nn.Module]], list[float]]  # models -> their latencies, measured together in blocks
+
+
+def plan_weighted(groups: list[PrunableGroup], ratio: float, weights: dict[str, float]) -> dict[str, int]:
+    """Each group loses `ratio * weight` of its channels (at most MAX_RATIO), rounded to its quantum."""
+    plan = {}
+    for g in groups:
+        plan.update(plan_for_ratio([g], min(ratio * weights.get(g.root, 1.0), MAX_RATIO)))
+    return plan
+
+
+def latency_table(
+    model: nn.Module, cfg: PruneConfig, example_input: torch.Tensor, measure_ms: MeasureMs
+) -> dict[str, dict[float, float]]:
+    """Per prunable group, the model's measured latency with only that group cut to each of
+    `cfg.latency_widths` (width 1.0 is the unpruned model): where the backend spends time, layer by layer.
+    All variants are measured together, in blocks, so they share the machine's conditions."""
+    groups = GroupPruner(copy.deepcopy(model), cfg, example_input, []).groups
+    variants, keys = [copy.deepcopy(model).eval()], [(None, 1.0)]
+    for g in groups:
+        for width in cfg.latency_widths:
+            pruner = GroupPruner(copy.deepcopy(model), cfg, example_input, [])
+            pruner.prune_to({**pruner.plan, g.root: max(1, round(g.channels * width))})
+            variants.append(pruner.model)
+            keys.append((g.root, width))
+    times = measure_ms(variants)
+    table = {g.root: {1.0: times[0]} for g in groups}
+    for (root, width), ms in zip(keys[1:], times[1:], strict=True):
+        table[root][width] = ms
+    return table
+
+
+def latency_weights(groups: list[PrunableGroup], table: dict[str, dict[float, float]]) -> dict[str, float]:
+    """A weight per group from its measured time saved per channel removed, normalised to a channel-weighted
+    mean of 1 and kept within [0.25, 2.5]: layers whose channels cost more time are pruned more."""
+    per_channel = {}
+    for g in groups:
+        rows = table[g.root]
+        savings = [max(rows[1.0] - ms, 0.0) / ((1.0 - w) * g.channels * g.slots)
+                   for w, ms in rows.items() if w < 1.0]
+        per_channel[g.root] = sum(savings) / max(len(savings), 1)
+    total = sum(g.channels * g.slots for g in groups)
+    mean = sum(per_channel[g.root] * g.channels * g.slots for g in groups) / max(total, 1)
+    if mean <= 0:
+        return {g.root: 1.0 for g in groups}  # nothing measurable: uniform
+    return {root: min(max(v / mean, 0.25), 2.5) for root, v in per_channel.items()}
+
+
+def _prune_weighted(
+    model: nn.Module, cfg: PruneConfig, example_input: torch.Tensor, batches: list, base_macs: int,
+    weights: dict[str, float],
+) -> tuple[nn.Module, float, int]:
+    """Latency allocation: the ratio scaled per group by `weights`; for target_macs the common ratio is
+    bisected on the MACs model's prediction, then the pruned model is counted."""
+    pruner = GroupPruner(copy.deepcopy(model), cfg, example_input, batches)
+    if cfg.ratio is not None:
+        plan = plan_weighted(pruner.groups, cfg.ratio, weights)
+    else:
+        predict, lo, hi = MacsModel(pruner, base_macs), 0.0, 1.0 / min(weights.values())
+        for _ in range(30):
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if predict(plan_weighted(pruner.groups, mid, weights)) <= cfg.target_macs * base_macs \
+                else (mid, hi)
+        plan = plan_weighted(pruner.groups, hi, weights)
+    pruner.prune_to(plan)
+    return pruner.model, removed_fraction(pruner.groups, plan), 1
+
+
+@dataclass
+class LatencySearch:
+    """The candidates a target_latency_ms search measured, in the order tried, and the one chosen."""
+
+    target_ms: float
+    candidates: list[dict] = field(default_factory=list)  # {"ratio", "latency_ms", "macs", "params"}
+    chosen: int | None = None
+    reason: str = ""
+
+    def rows(self, cfg: PruneConfig) -> list[dict]:
+        return [{**c, "backend": cfg.backend, "precision": cfg.precision, "batch": cfg.batch,
+                 "chosen": i == self.chosen} for i, c in enumerate(self.candidates)]
+
+
+def _closest_candidate(search: LatencySearch, lo: tuple[float, float], hi: tuple[float, float]) -> None:
+    """No candidate landed within the tolerance: keep the closest, and say why (the bracket it ended in)."""
+    target = search.target_ms
+    best = min(range(len(search.candidates)), key=lambda i: abs(search.candidates[i]["latency_ms"] / target - 1.0))
+    search.chosen = best
+    search.reason = (f"no candidate within {100 * LATENCY_TOLERANCE:g} % of {target:g} ms after "
+                     f"{len(search.candidates)} measurements: the latency jumps from {lo[1]:.3f} ms at ratio "
+                     f"{lo[0]:.3f} to {hi[1]:.3f} ms at ratio {hi[0]:.3f} (the backend's kernels change with "
+                     f"the channel counts; prune.round_to 8 often helps); the closest is "
+                     f"{search.candidates[best]['latency_ms']:.3f} ms")
+
+
+def _latency_info(model: nn.Module, pruned: nn.Module, example_input: torch.Tensor, search: LatencySearch) -> dict:
+    chosen = search.candidates[search.chosen]
+    macs, params = count_macs_params(pruned, example_input)
+    base_macs, base_params = count_macs_params(model, example_input)
+    return {"ratio": chosen["ratio"], "macs_before": base_macs, "macs_after": macs,
+            "macs_kept": round(macs / base_macs, 4), "params_before": base_params, "params_after": params,
+            "trials": len(search.candidates), "latency_ms": chosen["latency_ms"],
+            "target_latency_ms": search.target_ms}
+
+
+def prune_to_latency(
+    model: nn.Module, cfg: PruneConfig, example_input: torch.Tensor, measure_ms: MeasureMs,
+    batches: list | None = None, weights: dict[str, float] | None = None,
+) -> tuple[nn.Module, dict, LatencySearch]:
+    """Bisect the pruning ratio until the measured latency is within LATENCY_TOLERANCE of
+    `cfg.target_latency_ms`. The unpruned model and the most pruned one (MAX_RATIO) are measured first,
+    together; a target faster than the most pruned is one line naming the best reached."""
+    target, search = cfg.target_latency_ms, LatencySearch(cfg.target_latency_ms)
+    models: list[nn.Module] = []  # one per candidate
+
+    def candidate(ratio: float) -> nn.Module:
+        goal = cfg.model_copy(update={"target_latency_ms": None, "ratio": ratio})
+        return prune_model(model, goal, example_input, batches, weights)[0] if ratio > 0 else \
+            copy.deepcopy(model).eval()
+
+    def record(ratios: list[float]) -> list[float]:
+        trial = [candidate(r) for r in ratios]
+        times = measure_ms(trial)
+        for r, ms, m in zip(ratios, times, trial, strict=True):
+            models.append(m)
+            macs, params = count_macs_params(m, example_input)
+            search.candidates.append({"ratio": round(r, 4), "latency_ms": round(ms, 4), "macs": macs,
+                                      "params": params})
+        return times
+
+    def close(ms: float) -> bool:
+        return abs(ms / target - 1.0) <= LATENCY_TOLERANCE
+
+    full_ms, fastest_ms = record([0.0, MAX_RATIO])
+    if fastest_ms > target * (1 + LATENCY_TOLERANCE):
+        raise EdgecvError(
+            f"prune.target_latency_ms {target:g}: the model cannot reach it on {cfg.backend} {cfg.precision} "
+            f"batch {cfg.batch}; the best reached is {fastest_ms:.3f} ms at ratio {MAX_RATIO} "
+            f"(unpruned {full_ms:.3f} ms)")
+    lo, hi = (0.0, full_ms), (MAX_RATIO, fastest_ms)  # (ratio, ms): lo slower than the target, hi faster
+    if full_ms <= target * (1 + LATENCY_TOLERANCE):
+        search.chosen, search.reason = 0, f"the unpruned model already runs in {full_ms:.3f} ms"
+    elif close(fastest_ms):
+        search.chosen = 1
+    for _ in range(cfg.search_steps - 2 if search.chosen is None else 0):
+        ratio = lo[0] + (hi[0] - lo[0]) * (lo[1] - target) / max(lo[1] - hi[1], 1e-9)  # interpolate the time
+        ratio = min(max(ratio, lo[0] + 0.1 * (hi[0] - lo[0])), hi[0] - 0.1 * (hi[0] - lo[0]))
+        (ms,) = record([ratio])
+        if close(ms):
+            search.chosen = len(search.candidates) - 1
+            break
+        lo, hi = ((ratio, ms), hi) if ms > target else (lo, (ratio, ms))
+        if hi[0] - lo[0] < 0.02:  # about one channel in fifty: no pruning lies between
+            break
+    if search.chosen is None:
+        _closest_candidate(search, lo, hi)
+    pruned = models[search.chosen]
+    info = _latency_info(model, pruned, example_input, search)
+    return pruned, info, search

@@ -35,6 +35,8 @@ class ReportSections:
     settings: dict = field(default_factory=dict)  # bench settings actually used
     device: dict = field(default_factory=dict)  # host facts
     notes: list[str] = field(default_factory=list)  # one-line verdicts (e.g. INT8 slower than float here)
+    distillation: list[dict] = field(default_factory=list)  # {"finetune", "teacher", "top1", "top5"}
+    prune_search: list[dict] = field(default_factory=list)  # {"ratio", "latency_ms", "macs", "params", ...}
 
 
 # -------------------------------------------------------------------------------------------- values
@@ -200,6 +202,22 @@ def _parity_table(parity: list[dict]) -> str:
             "images.\n\n" + markdown_table(["file", "images", "max abs diff", "top-1 agreement %", "check"], body))
 
 
+def _distillation_table(rows: list[dict]) -> str:
+    body = [[r["finetune"], r.get("teacher") or "-", format_value("top1", r.get("top1")),
+             format_value("top5", r.get("top5"))] for r in rows]
+    return ("## Distillation\n\nThe same fine-tune (same start, seed and schedule) with and without the "
+            "teacher.\n\n" + markdown_table(["fine-tune", "teacher", "top-1 %", "top-5 %"], body))
+
+
+def _prune_search_table(rows: list[dict]) -> str:
+    first = rows[0] if rows else {}
+    where = f"{first.get('backend', '')} {first.get('precision', '')}, batch {first.get('batch', '')}".strip()
+    body = [[f"{r['ratio']:.3f}", format_value("ms", r.get("latency_ms")), format_value("macs", r.get("macs")),
+             format_value("params", r.get("params")), "yes" if r.get("chosen") else ""] for r in rows]
+    return (f"## Latency search\n\nEach pruning candidate measured on {where} (median of blocks), in the "
+            "order tried.\n\n" + markdown_table(["ratio", "latency ms", "MACs", "params", "chosen"], body))
+
+
 def _stages_table(stages: list[dict]) -> str:
     body = [[s["stage"], s.get("status", ""), format_value("seconds", s.get("wall_s")), format_value("top1", s.get("top1"))]
             for s in stages]
@@ -255,6 +273,10 @@ def render_markdown(rows: Sequence[BenchRow], sections: ReportSections | None = 
         parts.append("Layers kept in float: " + ", ".join(f"`{n}`" for n in s.skipped_layers))
     if s.parity:
         parts.append(_parity_table(s.parity))
+    if s.prune_search:
+        parts.append(_prune_search_table(s.prune_search))
+    if s.distillation:
+        parts.append(_distillation_table(s.distillation))
     if s.stages:
         parts.append(_stages_table(s.stages))
     if s.device:

@@ -92,7 +92,7 @@ def compare_precisions(float_model: nn.Module, qmodel: nn.Module, ctx: StageCont
                     load=lambda p=path: create_runner("onnxruntime", p, threads=threads))
             for name, path in paths.items()
         ]  # fmt: skip
-        settings = BenchSettings((batch,), accuracy=with_accuracy, memory=False, **TIMING)
+        settings = BenchSettings((batch,), accuracy=with_accuracy, memory=False, frames=False, **TIMING)
         rows = measure(subjects, settings, ctx.spec.input_shape, lambda: ctx.data.val)
     no_kernel = sorted({f["op_type"] for f in graph["float_ops"] if "no integer kernel" in f["reason"]})
     slow, convs = _slow_convs(float_model)

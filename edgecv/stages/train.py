@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 from typing import ClassVar
 
 import torch
+from pydantic import Field, model_validator
 from torch import nn
 
-from edgecv.compress.distill import DistillationLoss, DistillConfig
+from edgecv.compress.distill import DistillationLoss, DistillConfig, torchvision_teacher
 from edgecv.stages.base import StageConfig, StageContext, stage
 from edgecv.train.config import TrainConfig, TrainOverrides
 from edgecv.train.loop import LossFn, fit
@@ -22,13 +24,26 @@ class TrainStageConfig(TrainConfig, StageConfig):
 class FinetuneConfig(TrainOverrides, StageConfig):
     stage: ClassVar[str] = "finetune"
     distill: DistillConfig | None = None
+    compare_without_distill: bool = Field(
+        False, description="also run the same fine-tune without distillation; both results go in the report"
+    )
+
+    @model_validator(mode="after")
+    def _comparison_needs_distill(self) -> FinetuneConfig:
+        if self.compare_without_distill and self.distill is None:
+            raise ValueError("compare_without_distill: this finetune has no 'distill' section to compare with")
+        return self
 
 
-def distillation(cfg: FinetuneConfig, ctx: StageContext, train_cfg: TrainConfig) -> LossFn | None:
+def distillation(cfg: FinetuneConfig, ctx: StageContext, train_cfg: TrainConfig,
+                 student: nn.Module | None = None) -> LossFn | None:
     """The distillation loss a stage asked for (its teacher loaded), or None for plain cross-entropy."""
     if cfg.distill is None:
         return None
-    return DistillationLoss(ctx.load(cfg.distill.teacher), cfg.distill, train_cfg.label_smoothing)
+    name = cfg.distill.teacher
+    teacher = torchvision_teacher(name) if name.startswith("torchvision:") else ctx.load(name)
+    return DistillationLoss(teacher, cfg.distill, train_cfg.label_smoothing, student=student,
+                            example_input=ctx.spec.example_input())
 
 
 def train_metrics(ctx: StageContext, result: dict) -> None:
@@ -57,7 +72,23 @@ def train_stage(model: nn.Module | None, cfg: TrainConfig, ctx: StageContext) ->
 
 @stage(FinetuneConfig, "fine-tune, optionally distilling from the baseline")
 def finetune_stage(model: nn.Module, cfg: FinetuneConfig, ctx: StageContext) -> nn.Module:
-    torch.manual_seed(ctx.recipe.seed + ctx.index)
     train_cfg = cfg.merged(ctx.recipe.train)
-    train_metrics(ctx, run_fit(model, train_cfg, ctx, "finetune", distillation(cfg, ctx, train_cfg)))
+    control = copy.deepcopy(model) if cfg.compare_without_distill else None
+    torch.manual_seed(ctx.recipe.seed + ctx.index)
+    loss_fn = distillation(cfg, ctx, train_cfg, model)
+    try:
+        train_metrics(ctx, run_fit(model, train_cfg, ctx, "finetune", loss_fn))
+    finally:
+        if isinstance(loss_fn, DistillationLoss):
+            loss_fn.close()
+    if control is not None:
+        torch.manual_seed(ctx.recipe.seed + ctx.index)  # the same start, seed and schedule; only the loss differs
+        plain = fit(control, ctx.data.train, ctx.data.val, train_cfg, state_path=ctx.stage_dir / "state.no-distill.pt",
+                    log_path=ctx.log_path, device=ctx.device, label="finetune without distillation",
+                    dist_info=ctx.dist)
+        ctx.metrics["distill_comparison"] = [
+            {"finetune": "with distillation", "teacher": cfg.distill.teacher, "top1": ctx.metrics["top1"],
+             "top5": ctx.metrics["top5"]},
+            {"finetune": "without distillation", "teacher": None, "top1": plain["top1"], "top5": plain["top5"]},
+        ]
     return model.cpu()

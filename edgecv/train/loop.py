@@ -118,6 +118,12 @@ class TrainSession:
     logged_skips: set = field(default_factory=set)
 
 
+def _trainable(model: nn.Module, loss_fn: LossFn) -> nn.Module:
+    """What the optimizer updates: the model, and a loss's own parameters (feature distillation's 1x1
+    adapters; a frozen teacher has none that require grad)."""
+    return nn.ModuleList([model, loss_fn]) if isinstance(loss_fn, nn.Module) else model
+
+
 def start_session(model: nn.Module, train_loader: Iterable, cfg: TrainConfig, device: str, dist: DistInfo,
                   loss_fn: LossFn | None) -> TrainSession:
     """Model on its device and layout, the loss, optimizer (lr for the global batch), scaler and EMA."""
@@ -139,7 +145,7 @@ def start_session(model: nn.Module, train_loader: Iterable, cfg: TrainConfig, de
     lr = scaled_lr(cfg, global_batch)
     return TrainSession(
         model=model, cfg=cfg, device=device, dist=dist, loss_fn=loss_fn,
-        optimizer=build_optimizer(model, cfg, lr),
+        optimizer=build_optimizer(_trainable(model, loss_fn), cfg, lr),
         scaler=torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16),
         amp_dtype=amp_dtype, lr=lr, global_batch=global_batch, steps_per_epoch=steps,
         ema=WeightAverage(model, cfg.ema_decay, cfg.ema_steps) if cfg.ema_decay else None,
