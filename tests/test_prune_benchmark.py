@@ -6,9 +6,12 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT
 
 
+@pytest.mark.slow  # a dozen prunings and latency searches of resnet18: minutes on two cores
 def test_prune_benchmark_prints_every_figure_on_a_tiny_setting():
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "prune_cpu.py"), "--models", "resnet18", "--image-size", "32",
