@@ -118,3 +118,14 @@ def test_full_matrix(tmp_path):
     for r in results:
         for cell in r["cells"].values():
             assert "internal error" not in cell["text"] and "\n" not in cell["text"], (r["model"], cell)
+
+
+def test_a_failed_step_is_one_line_and_memory_is_not_an_internal_error():
+    from edgecv.errors import EdgecvError
+
+    alloc = RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory:"
+                         " you tried to allocate 4631040 bytes. Error code 12 (Cannot allocate memory)")
+    assert zoo._one_line(alloc).startswith("out of memory under this tool's address-space bound")
+    assert zoo._one_line(MemoryError()).startswith("out of memory")
+    assert zoo._one_line(EdgecvError("prune: cannot\nsecond line")) == "prune: cannot"
+    assert zoo._one_line(KeyError("x")).startswith("internal error: KeyError")

@@ -134,6 +134,8 @@ def _one_line(exc: BaseException) -> str:
     from edgecv.errors import EdgecvError
 
     text = (str(exc).splitlines() or [""])[0].strip()
+    if isinstance(exc, MemoryError) or "can't allocate memory" in text or "Cannot allocate memory" in text:
+        return "out of memory under this tool's address-space bound (--memory-gb; the model is not at fault)"
     return text if isinstance(exc, (EdgecvError, StepFailed)) else f"internal error: {type(exc).__name__}: {text}"[:300]
 
 
