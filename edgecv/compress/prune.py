@@ -702,16 +702,19 @@ def prune_to_latency(
         return abs(ms / target - 1.0) <= LATENCY_TOLERANCE
 
     full_ms, fastest_ms = record([0.0, MAX_RATIO])
-    if fastest_ms > target * (1 + LATENCY_TOLERANCE):
+    hi = (MAX_RATIO, fastest_ms)  # (ratio, ms): the least pruned candidate known faster than the target
+    if fastest_ms > target * (1 + LATENCY_TOLERANCE):  # very narrow layers can be slower (int8 slow paths)
+        (mid_ms,) = record([MAX_RATIO / 2])
+        hi = min(hi, (MAX_RATIO / 2, mid_ms), key=lambda c: c[1])
+    if hi[1] > target * (1 + LATENCY_TOLERANCE):
         raise EdgecvError(
             f"prune.target_latency_ms {target:g}: the model cannot reach it on {cfg.backend} {cfg.precision} "
-            f"batch {cfg.batch}; the best reached is {fastest_ms:.3f} ms at ratio {MAX_RATIO} "
-            f"(unpruned {full_ms:.3f} ms)")
-    lo, hi = (0.0, full_ms), (MAX_RATIO, fastest_ms)  # (ratio, ms): lo slower than the target, hi faster
+            f"batch {cfg.batch}; the best reached is {hi[1]:.3f} ms at ratio {hi[0]:g} (unpruned {full_ms:.3f} ms)")
+    lo = (0.0, full_ms)  # slower than the target
     if full_ms <= target * (1 + LATENCY_TOLERANCE):
         search.chosen, search.reason = 0, f"the unpruned model already runs in {full_ms:.3f} ms"
-    elif close(fastest_ms):
-        search.chosen = 1
+    elif close(hi[1]):
+        search.chosen = next(i for i, c in enumerate(search.candidates) if c["ratio"] == round(hi[0], 4))
     for _ in range(cfg.search_steps - 2 if search.chosen is None else 0):
         ratio = lo[0] + (hi[0] - lo[0]) * (lo[1] - target) / max(lo[1] - hi[1], 1e-9)  # interpolate the time
         ratio = min(max(ratio, lo[0] + 0.1 * (hi[0] - lo[0])), hi[0] - 0.1 * (hi[0] - lo[0]))

@@ -314,7 +314,7 @@ def first_conv_float_weight(model: Any) -> np.ndarray | None:
     from torch import fx
 
     from edgecv.compress.quantize import FakeQuantize, QuantConv2d
-    from edgecv.export.onnx import for_export
+    from edgecv.export.onnx import FrozenQuantize, for_export
 
     if not isinstance(model, fx.GraphModule):
         return None
@@ -326,7 +326,7 @@ def first_conv_float_weight(model: Any) -> np.ndarray | None:
         module = model.get_submodule(node.target)
         if isinstance(module, QuantConv2d):
             return module.weight.detach().double().cpu().numpy()
-        if not isinstance(module, FakeQuantize):
+        if not isinstance(module, FakeQuantize | FrozenQuantize):  # for_export froze the input quantizer
             return None
         reached.add(node)
     return None

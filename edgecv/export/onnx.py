@@ -138,10 +138,17 @@ class FrozenQuantize(nn.Module):
         self.enabled = bool(quantizer.enabled)
         self.per_channel = quantizer.channels is not None
         self.axis, self.quant_min, self.quant_max = quantizer.axis, quantizer.quant_min, quantizer.quant_max
+        self.narrow_range = bool(quantizer.narrow_range and quantizer.symmetric)  # TensorRT: never -128
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return x
+        if self.narrow_range:  # as FakeQuantize does: clip to +-127 steps, so the int8 file has no -128
+            shape = [1] * x.dim()
+            if self.per_channel:
+                shape[self.axis] = -1
+            bound = (127.0 * self.scale).reshape(shape)
+            x = torch.clamp(x, -bound, bound)
         if self.per_channel:
             return torch.fake_quantize_per_channel_affine(
                 x, self.scale, self.zero_point, self.axis, self.quant_min, self.quant_max
