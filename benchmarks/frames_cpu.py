@@ -14,7 +14,6 @@ Compare ratios from one run; run it on a quiet machine.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from bench_common import emit, random_model  # benchmarks/ is on the path of a script run from it
 
 from edgecv.bench.latency import benchmark_blocks, synthetic_frames
 from edgecv.bench.measure import Preprocessed
@@ -35,21 +35,6 @@ from edgecv.export.onnx import export_onnx
 THREADS = 2
 IMAGENET = Normalization((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 DONE_WHEN = 0.85
-
-
-def random_model(name: str, seed: int) -> torch.nn.Module:
-    import torchvision
-
-    torch.manual_seed(seed)
-    model = torchvision.models.get_model(name, weights=None).eval()
-    gen = torch.Generator().manual_seed(seed)
-    for m in model.modules():  # BatchNorm statistics like a trained net's, so folding is not trivial
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-            m.bias.data.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
-    return model
 
 
 class Named:
@@ -138,12 +123,7 @@ def main(argv: list[str] | None = None) -> int:
                                                      args.warmup, Path(tmp))
             except Exception as exc:  # keep going: one failing model is a row, not a crash
                 result["models"][name] = {"status": f"error: {type(exc).__name__}: {exc}"}
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        tmp_out = args.out.with_name(f".{args.out.name}.tmp")
-        tmp_out.write_text(text + "\n")
-        os.replace(tmp_out, args.out)
+    emit(result, args.out)
     return 0
 
 

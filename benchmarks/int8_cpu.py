@@ -17,7 +17,6 @@ ratios from one run (absolute times drift 15-30 % between runs on shared machine
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from bench_common import emit, random_model  # benchmarks/ is on the path of a script run from it
 
 from edgecv.bench.measure import BenchSettings, Subject, measure
 from edgecv.bench.runners import create_runner
@@ -38,21 +38,6 @@ from edgecv.export.onnx import export_onnx, model_size_bytes
 THREADS = 2
 SURGERY = SurgerySpec("relu", "remove")  # what `NAME+surgery` means
 DEFAULT_MODELS = "resnet18,mobilenet_v2,efficientnet_b0,mobilenet_v3_large,mobilenet_v3_large+surgery"
-
-
-def random_model(name: str, seed: int) -> torch.nn.Module:
-    import torchvision
-
-    torch.manual_seed(seed)
-    model = torchvision.models.get_model(name, weights=None).eval()
-    gen = torch.Generator().manual_seed(seed)
-    for m in model.modules():  # BatchNorm statistics like a trained net's, so folding is not trivial
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-            m.bias.data.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
-    return model
 
 
 def quantize_static_u8(float_path: Path, out: Path, batches: list[np.ndarray]) -> Path:
@@ -187,12 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as exc:  # keep going: one failing model is a row, not a crash
                 result["models"][spec] = {"status": f"error: {type(exc).__name__}: {exc}"}
     result["checks"] = checks(result["models"])
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        tmp_out = args.out.with_name(f".{args.out.name}.tmp")
-        tmp_out.write_text(text + "\n")
-        os.replace(tmp_out, args.out)
+    emit(result, args.out)
     return 0
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import sys
@@ -22,6 +21,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from bench_common import emit, random_model  # benchmarks/ is on the path of a script run from it
 
 from edgecv.compress.prune import (
     GroupPruner,
@@ -36,22 +36,6 @@ from edgecv.models.complexity import count_macs_params
 from edgecv.stages.prune import latency_measurer
 
 THREADS = 2
-
-
-def random_model(name: str, seed: int) -> torch.nn.Module:
-    """A torchvision model with random weights and BatchNorm statistics like a trained net's."""
-    import torchvision
-
-    torch.manual_seed(seed)
-    model = torchvision.models.get_model(name, weights=None).eval()
-    gen = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-            m.bias.data.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
-    return model
 
 
 class Timer:
@@ -151,12 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             result["models"][name] = bench_model(name, args)
         except Exception as exc:  # one failing model is an entry, not a crash
             result["models"][name] = {"status": f"error: {type(exc).__name__}: {exc}"}
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        tmp_out = args.out.with_name(f".{args.out.name}.tmp")
-        tmp_out.write_text(text + "\n")
-        os.replace(tmp_out, args.out)
+    emit(result, args.out)
     return 0
 
 

@@ -56,3 +56,30 @@ def finished_run(tmp_path_factory) -> dict:
     proc = run_cli("compress", str(recipe), "--out", str(base / "runs"), "--device", "cpu")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return {"recipe": recipe, "run_dir": base / "runs" / "tiny", "proc": proc, "base": base}
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread: on two shared cores, two threads per process spin and run several times slower.
+    Use with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def random_batchnorm(model, gen):
+    """Give every BatchNorm2d statistics and affine terms like a trained net's (random weights alone make
+    folding trivial), drawn from the generator `gen`; returns the model in eval mode."""
+    import torch
+
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=gen) * 0.1)
+            m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
+            m.weight.data.copy_(torch.rand(n, generator=gen) + 0.5)
+            m.bias.data.copy_(torch.randn(n, generator=gen) * 0.1)
+    return model.eval()

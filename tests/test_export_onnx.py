@@ -6,6 +6,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import random_batchnorm
 
 from edgecv.compress.quantize import PROFILES, apply_calibrator, collect_stats, prepare_qat
 from edgecv.errors import EdgecvError
@@ -32,13 +33,7 @@ def make_model(name: str, seed: int = 0) -> tuple[torch.nn.Module, torch.Tensor]
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model = build_model(name, num_classes=10, in_channels=3, image_size=size).eval()
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            n = m.num_features
-            m.running_mean.copy_(torch.randn(n, generator=gen) * 0.1)
-            m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
-            m.weight.data.copy_(torch.rand(n, generator=gen) + 0.5)
-            m.bias.data.copy_(torch.randn(n, generator=gen) * 0.1)
+    random_batchnorm(model, gen)
     return model, torch.randn(100, 3, size, size, generator=gen)
 
 

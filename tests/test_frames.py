@@ -17,7 +17,7 @@ import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY, run_cli, write_recipe
+from conftest import TINY, random_batchnorm, run_cli, write_recipe
 from onnx import TensorProto, helper, numpy_helper
 
 from edgecv.bench.latency import synthetic_frames
@@ -50,15 +50,7 @@ TARGETS = ["float", "onnxruntime", "tensorrt"]
 
 def random_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Non-trivial BatchNorm statistics, so folding and re-quantizing the first conv is not trivial."""
-    gen = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            n = m.num_features
-            m.running_mean.copy_(torch.randn(n, generator=gen) * 0.1)
-            m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
-            m.weight.data.copy_(torch.rand(n, generator=gen) + 0.5)
-            m.bias.data.copy_(torch.randn(n, generator=gen) * 0.1)
-    return model.eval()
+    return random_batchnorm(model, torch.Generator().manual_seed(seed))
 
 
 def exported(model, target: str, norm: Normalization, frames: np.ndarray, tmp: Path) -> tuple[Path, torch.nn.Module]:

@@ -24,13 +24,7 @@ HEADS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: on two shared cores, two threads per process spin and run several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("name", HEADS)

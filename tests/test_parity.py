@@ -21,14 +21,7 @@ from edgecv.export.onnx import (
 )
 from edgecv.models import build_model
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: on two shared cores, two threads per process spin and run several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _int8(model: torch.nn.Module, target: str, x: torch.Tensor, path) -> tuple[torch.nn.Module, object]:

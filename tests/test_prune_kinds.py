@@ -11,14 +11,7 @@ from edgecv.compress.prune import MACS_TOLERANCE, PruneConfig, analyse, prune_mo
 from edgecv.errors import EdgecvError
 from edgecv.models import build_model
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: on two shared cores, two threads per process spin and run several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _model(name: str, classes: int = 10, size: int = 64) -> tuple[nn.Module, torch.Tensor]:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import random_batchnorm
 
 from edgecv.compress.quantize import (
     CALIBRATORS,
@@ -393,12 +394,7 @@ def test_fake_quant_logits_are_what_onnxruntime_int8_computes(name, tmp_path):
     torch.manual_seed(0)
     model = torchvision.models.get_model(name, weights=None, num_classes=10).eval()
     gen = torch.Generator().manual_seed(0)
-    for m in model.modules():  # BatchNorm like a trained net's, so folded biases are not trivial
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-            m.bias.data.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
+    random_batchnorm(model, gen)  # BatchNorm like a trained net's, so folded biases are not trivial
     x = torch.randn(16, 3, 32, 32, generator=gen)
     calibration = [torch.randn(8, 3, 32, 32, generator=gen) for _ in range(4)]
     qmodel = prepare_qat(model, "onnxruntime", x[:1])
