@@ -96,3 +96,16 @@ def test_precision_options_are_checked():
         validate({**base, "stages": [{"ptq": {"precision": "auto", "target": "tensorrt"}}]})
     with pytest.raises(EdgecvError, match="precision"):
         validate({**base, "stages": [{"ptq": {"precision": "fp16"}}]})
+
+
+def test_a_tiny_model_is_timed_long_enough_to_tell_the_precisions_apart():
+    """20 runs of a 50-microsecond model are 1 ms of timing: the block grows to ~0.1 s, within its bounds."""
+    import time
+
+    from edgecv.stages.precision import MAX_RUNS, MIN_RUNS, runs_for
+
+    calls = []
+    assert runs_for(lambda x: calls.append(x.shape), (3, 8, 8), 2) == MAX_RUNS  # a no-op: the most runs
+    assert calls[0] == (2, 3, 8, 8)  # timed at the batch asked for
+    assert runs_for(lambda x: time.sleep(0.02), (3, 8, 8), 1) == MIN_RUNS  # 20 ms a call: the fewest
+    assert MIN_RUNS < runs_for(lambda x: time.sleep(0.0005), (3, 8, 8), 1) < MAX_RUNS

@@ -7,7 +7,9 @@ export stage and the report read it."""
 from __future__ import annotations
 
 import json
+import math
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -19,7 +21,8 @@ from edgecv.io import write_json
 from edgecv.stages.base import StageContext
 
 PRECISION_FILE = "precision.json"
-TIMING = {"warmup": 5, "runs": 20, "rounds": 3}  # a short timing: enough to tell 10 % apart, in blocks
+TIMING = {"warmup": 5, "rounds": 3}  # a short timing in blocks: enough to tell 10 % apart ...
+MIN_RUNS, MAX_RUNS, BLOCK_S = 20, 2000, 0.1  # ... given blocks of >= BLOCK_S each (a tiny model: many runs)
 _FRIENDLY_OPS = {"HardSigmoid": "hard-sigmoid", "HardSwish": "hard-swish", "Erf": "GELU (Erf)",
                  "ReduceMean": "mean", "Tanh": "tanh", "Softplus": "softplus"}  # fmt: skip
 
@@ -92,7 +95,8 @@ def compare_precisions(float_model: nn.Module, qmodel: nn.Module, ctx: StageCont
                     load=lambda p=path: create_runner("onnxruntime", p, threads=threads))
             for name, path in paths.items()
         ]  # fmt: skip
-        settings = BenchSettings((batch,), accuracy=with_accuracy, memory=False, frames=False, **TIMING)
+        runs = runs_for(create_runner("onnxruntime", paths["onnx-int8"], threads=threads), ctx.spec.input_shape, batch)
+        settings = BenchSettings((batch,), accuracy=with_accuracy, memory=False, frames=False, runs=runs, **TIMING)
         rows = measure(subjects, settings, ctx.spec.input_shape, lambda: ctx.data.val)
     no_kernel = sorted({f["op_type"] for f in graph["float_ops"] if "no integer kernel" in f["reason"]})
     slow, convs = _slow_convs(float_model)
@@ -101,6 +105,20 @@ def compare_precisions(float_model: nn.Module, qmodel: nn.Module, ctx: StageCont
         float_top1=rows[0].top1, int8_top1=int8_top1, no_integer_kernel=no_kernel,
         float_islands=graph.get("float_islands", 0), slow_convs=slow, convs=convs,
     )  # fmt: skip
+
+
+def runs_for(runner, input_shape: tuple[int, int, int], batch: int) -> int:
+    """Timed runs per block so that a block lasts about BLOCK_S (within [MIN_RUNS, MAX_RUNS]): 20 runs of a
+    50-microsecond model are 1 ms of timing, and one scheduler hiccup decides which precision looks faster."""
+    from edgecv.bench.latency import input_batch
+
+    x = input_batch(input_shape, batch, False)
+    runner(x)  # the first call builds ONNX Runtime's kernels
+    start = time.perf_counter()
+    for _ in range(5):
+        runner(x)
+    per_call = (time.perf_counter() - start) / 5
+    return int(min(MAX_RUNS, max(MIN_RUNS, math.ceil(BLOCK_S / max(per_call, 1e-6)))))
 
 
 def choose_precision(cmp: PrecisionComparison, accuracy_budget: float) -> tuple[str, str]:
