@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -33,6 +34,11 @@ TINY = {
 def write_recipe(path: Path, recipe: dict) -> Path:
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
+
+
+# A test of what a machine without TensorRT says (the machines here); skipped where TensorRT is installed.
+without_tensorrt = pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None,
+                                      reason="TensorRT is installed here")
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import zlib
 
 import pytest
 import yaml
-from conftest import TINY, run_cli, write_recipe
+from conftest import TINY, run_cli, without_tensorrt, write_recipe
 
 COMMANDS = ["train", "compress", "sensitivity", "eval", "export", "bench", "inspect", "recipes"]
 
@@ -250,13 +250,8 @@ def test_every_registered_stage_ran_and_recorded_metrics(finished_run, stage):
         assert set(metrics["files"]) == {"model.onnx", "model.int8.onnx"}
 
 
+@without_tensorrt
 def test_tensorrt_export_without_tensorrt_is_refused_before_training(tmp_path):
-    try:
-        import tensorrt  # noqa: F401
-
-        pytest.skip("TensorRT is installed here")
-    except ImportError:
-        pass
     path = write_recipe(tmp_path / "r.yaml", TINY)
     line = one_error_line(run_cli("compress", str(path), "--out", str(tmp_path / "runs"), "--set",
                                   "stages.export.tensorrt=true"))

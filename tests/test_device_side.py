@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli
+from conftest import run_cli, without_tensorrt
 
 from edgecv.data.config import DataConfig
 from edgecv.data.datasets import FASHION_MNIST_DEBIAN, build_data
@@ -182,14 +182,9 @@ def test_device_side_commands_run_without_torch(no_torch, device_files, args):
     assert expected[args[1] if args[1] == "--trtexec-log" else args[0]] in proc.stdout
 
 
+@without_tensorrt
 def test_without_torch_an_engine_names_tensorrt_and_synthetic_data_asks_for_no_accuracy(no_torch, device_files,
                                                                                           tmp_path):
-    try:
-        import tensorrt  # noqa: F401
-
-        pytest.skip("TensorRT is installed here")
-    except ImportError:
-        pass
     (tmp_path / "model.engine").write_bytes(b"built by trtexec")
     proc = run_cli("bench", "model.engine", cwd=tmp_path, env=no_torch, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error: TensorRT is not installed here")

@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import run_cli, without_tensorrt
 
 from edgecv.compress.quantize import apply_calibrator, collect_stats, prepare_qat, quant_spec
 from edgecv.compress.quantize.fakequant import FakeQuantize, QuantConv2d, QuantLinear
@@ -139,15 +139,10 @@ def test_inspect_the_tensorrt_file(run_with_tensorrt_file):
     assert "violation" not in trt.stdout and "violation" in ort.stdout
 
 
+@without_tensorrt
 def test_export_tensorrt_walks_up_to_the_tensorrt_call(finished_run, tmp_path):
     """`edgecv export QAT.pt --tensorrt` on an onnxruntime-target checkpoint writes the TensorRT-target
     graph (checked against torch) and stops where TensorRT is needed: exit 2, naming TensorRT."""
-    try:
-        import tensorrt  # noqa: F401
-
-        pytest.skip("TensorRT is installed here")
-    except ImportError:
-        pass
     out = tmp_path / "model.int8.onnx"
     proc = run_cli("export", str(finished_run["run_dir"] / "04-qat" / "model.pt"), "--out", str(out), "--tensorrt",
                    timeout=300)
@@ -178,13 +173,8 @@ def test_the_device_build_plan_of_the_exported_file(run_with_tensorrt_file, vers
     assert plan.engine_path.name == "model.int8.tensorrt.engine"
 
 
+@without_tensorrt
 def test_bench_an_onnx_file_on_tensorrt_walks_up_to_the_build(run_with_tensorrt_file, tmp_path):
-    try:
-        import tensorrt  # noqa: F401
-
-        pytest.skip("TensorRT is installed here")
-    except ImportError:
-        pass
     run_dir, _ = run_with_tensorrt_file
     export = tmp_path / "export"
     shutil.copytree(run_dir / "export", export)

@@ -64,19 +64,22 @@ def exported(model, target: str, norm: Normalization, frames: np.ndarray, tmp: P
     return export_onnx(model, tmp / f"{target}.onnx", x[:2]), model
 
 
+def first_conv(graph) -> onnx.NodeProto:
+    """The first Conv reached from the graph's input (through any Q/DQ, Transpose, Cast ...)."""
+    reached = {graph.input[0].name}
+    for node in graph.node:
+        if reached.intersection(node.input):
+            if node.op_type == "Conv":
+                return node
+            reached.update(node.output)
+    raise AssertionError("no Conv reached from the input")
+
+
 def first_conv_output(path: Path, feed: np.ndarray) -> np.ndarray:
     """The first convolution's float output, read out of the graph run as written (no fusion)."""
     proto = onnx.load(str(path))
     graph = proto.graph
-    reached = {graph.input[0].name}
-    conv = None
-    for node in graph.node:
-        if reached.intersection(node.input):
-            if node.op_type == "Conv":
-                conv = node
-                break
-            reached.update(node.output)
-    assert conv is not None
+    conv = first_conv(graph)
     graph.output.append(helper.make_tensor_value_info(conv.output[0], TensorProto.FLOAT, None))
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -93,13 +96,7 @@ class ConvParams:
         g = proto.graph
         inits = {i.name: numpy_helper.to_array(i) for i in g.initializer}
         producer = {o: n for n in g.node for o in n.output}
-        reached, conv = {g.input[0].name}, None
-        for node in g.node:
-            if reached.intersection(node.input):
-                if node.op_type == "Conv":
-                    conv = node
-                    break
-                reached.update(node.output)
+        conv = first_conv(g)
         attrs = {a.name: helper.get_attribute_value(a) for a in conv.attribute}
         self.pads, self.strides = attrs.get("pads", [0, 0, 0, 0]), attrs.get("strides", [1, 1])
         self.dilations, self.groups = attrs.get("dilations", [1, 1]), attrs.get("group", 1)

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import run_cli
+from conftest import run_cli, without_tensorrt
 from onnx import TensorProto, helper
 
 from edgecv.bench.trtexec import parse_trtexec_output
@@ -226,15 +226,10 @@ def test_onnx_has_qdq_and_input(float_onnx, tmp_path):
         onnx_has_qdq(bad)
 
 
+@without_tensorrt
 def test_build_engine_without_tensorrt_is_a_user_error(float_onnx, tmp_path):
     from edgecv.export.tensorrt import BuildOptions
     pytest.importorskip("onnx")
-    try:
-        import tensorrt  # noqa: F401
-
-        pytest.skip("TensorRT is installed here")
-    except ImportError:
-        pass
     from edgecv.export.tensorrt import build_engine
 
     with pytest.raises(EdgecvError, match="TensorRT is not installed here.*TensorRT's Python bindings"):
@@ -614,13 +609,8 @@ def test_cuda_errors_are_one_line_with_their_name():
 
 
 # ----------------------------------------------------------- defect 7: engines without edgecv metadata
+@without_tensorrt
 def test_engine_without_metadata_needs_tensorrt_not_metadata(tmp_path):
-    try:
-        import tensorrt  # noqa: F401
-
-        pytest.skip("TensorRT is installed here")
-    except ImportError:
-        pass
     from edgecv.model_files import model_input_shape
 
     engine = tmp_path / "trtexec.engine"
@@ -630,14 +620,9 @@ def test_engine_without_metadata_needs_tensorrt_not_metadata(tmp_path):
     assert "metadata" not in str(err.value)
 
 
+@without_tensorrt
 @pytest.mark.parametrize("with_metadata", [False, True])
 def test_bench_an_engine_here_exits_2_naming_tensorrt(tmp_path, with_metadata):
-    try:
-        import tensorrt  # noqa: F401
-
-        pytest.skip("TensorRT is installed here")
-    except ImportError:
-        pass
     engine = tmp_path / "model.engine"
     engine.write_bytes(b"serialized by trtexec")
     if with_metadata:

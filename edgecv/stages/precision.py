@@ -90,12 +90,11 @@ def compare_precisions(float_model: nn.Module, qmodel: nn.Module, ctx: StageCont
         paths = {"onnx": export_onnx(float_model, Path(tmp) / "model.onnx", example),
                  "onnx-int8": export_onnx(qmodel, Path(tmp) / "model.int8.onnx", example)}  # fmt: skip
         graph = inspect_onnx(paths["onnx-int8"], "onnxruntime")
-        subjects = [
-            Subject(model=name, runner=None, format=name, accuracy=None if name == "onnx" else {"top1": int8_top1},
-                    load=lambda p=path: create_runner("onnxruntime", p, threads=threads))
-            for name, path in paths.items()
-        ]  # fmt: skip
-        runs = runs_for(create_runner("onnxruntime", paths["onnx-int8"], threads=threads), ctx.spec.input_shape, batch)
+        runners = {name: create_runner("onnxruntime", path, threads=threads) for name, path in paths.items()}
+        subjects = [Subject(model=name, runner=runner, format=name,
+                            accuracy=None if name == "onnx" else {"top1": int8_top1})
+                    for name, runner in runners.items()]  # fmt: skip  (built once: memory is not measured here)
+        runs = runs_for(runners["onnx-int8"], ctx.spec.input_shape, batch)
         settings = BenchSettings((batch,), accuracy=with_accuracy, memory=False, frames=False, runs=runs, **TIMING)
         rows = measure(subjects, settings, ctx.spec.input_shape, lambda: ctx.data.val)
     no_kernel = sorted({f["op_type"] for f in graph["float_ops"] if "no integer kernel" in f["reason"]})
