@@ -1,4 +1,5 @@
-"""The package's imports point one way, with no cycle, and the device-side commands load no training code.
+"""The package's imports point one way, with no cycle (lazy imports included), and the device-side commands
+load no training code. Modules stay under 450 lines and functions under 60; private names stay in their module.
 
 Order, top to bottom: cli -> pipeline -> run_report / model_files -> recipe -> stages -> report -> train ->
 bench -> checkpoint -> export -> compress -> models -> data -> config -> io, console, device, registry ->
