@@ -32,7 +32,7 @@ from edgecv.bench.measure import BenchSettings, Subject, measure
 from edgecv.bench.runners import create_runner
 from edgecv.compress.quantize import apply_calibrator, collect_stats, prepare_qat
 from edgecv.compress.surgery import SurgerySpec, apply_surgery
-from edgecv.export.inspect import inspect_onnx
+from edgecv.export.lint import inspect_onnx
 from edgecv.export.onnx import export_onnx, model_size_bytes
 
 THREADS = 2

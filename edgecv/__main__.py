@@ -1,3 +1,3 @@
-from edgecv.cli import _entry
+from edgecv.cli import entry
 
-_entry()
+entry()

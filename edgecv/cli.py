@@ -312,7 +312,7 @@ def inspect(model: Annotated[Path, typer.Argument(help="an ONNX model (float or 
             json_out: Annotated[Path | None, typer.Option("--json", help="write the report to this JSON file")] = None,
             debug: DebugOpt = False) -> None:
     """List every Conv/Gemm/Add/pool that will run in float on the target, and integer vs float op counts."""
-    from edgecv.export.inspect import format_inspect, inspect_onnx
+    from edgecv.export.lint import format_inspect, inspect_onnx
     from edgecv.io import write_json
     from edgecv.model_files import check_paths
 
@@ -430,9 +430,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _entry() -> None:
+def entry() -> None:
+    """The `edgecv` console script and `python -m edgecv`: main() with its exit status."""
     sys.exit(main())
 
 
 if __name__ == "__main__":
-    _entry()
+    entry()

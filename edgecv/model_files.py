@@ -78,7 +78,7 @@ def model_input_shape(path: Path) -> tuple[int, int, int]:
             raise EdgecvError(f"{str(path)!r}: expected an {layout} input with fixed C, H, W; got {dims}")
         return (dims[3], dims[1], dims[2]) if frames else (dims[1], dims[2], dims[3])
     if suffix in ENGINE_SUFFIXES:
-        from edgecv.export.tensorrt import engine_input_chw
+        from edgecv.export.trt.engine import engine_input_chw
 
         return engine_input_chw(path)  # its metadata, else the engine itself (an engine built by trtexec)
     raise EdgecvError(f"{str(path)!r}: unknown model file type {suffix!r} (expected .pt, .onnx or .engine)")
@@ -172,7 +172,8 @@ def engine_for_onnx(onnx_path: Path, batch_sizes: Sequence[int] = ()) -> Path:
     """The TensorRT engine for an ONNX file, built here (or reused) next to it with the engine options
     recorded with the file; its profile covers `batch_sizes` and the recorded validation batch."""
     from edgecv.console import console
-    from edgecv.export.tensorrt import BuildOptions, build_engine, engine_path_for, engine_profile
+    from edgecv.export.trt.build import BuildOptions, build_engine, engine_path_for
+    from edgecv.export.trt.options import engine_profile
 
     stored = stored_engine_options(onnx_path)
     data = stored_data_section(onnx_path) or {}

@@ -22,7 +22,8 @@ from edgecv.device import clock_warning, host_facts, is_cuda
 from edgecv.models.complexity import count_macs_params
 from edgecv.models.spec import ModelSpec
 from edgecv.recipe import Recipe
-from edgecv.report.render import ReportSections, bench_table, format_value, summary_rows, write_report
+from edgecv.report.cells import format_value
+from edgecv.report.render import ReportSections, bench_table, summary_rows, write_report
 
 EXPORT_BACKENDS = {"onnx": "onnxruntime", "onnx-int8": "onnxruntime", "engine": "tensorrt"}
 TRAINING_STAGES = ("finetune", "qat")  # stages after which an earlier float model is no longer the one to ship

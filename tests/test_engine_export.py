@@ -15,7 +15,7 @@ from edgecv.compress.quantize import apply_calibrator, collect_stats, prepare_qa
 from edgecv.compress.quantize.fakequant import FakeQuantize, QuantConv2d, QuantLinear
 from edgecv.compress.quantize.retarget import retarget
 from edgecv.errors import EdgecvError
-from edgecv.export.inspect import inspect_onnx
+from edgecv.export.lint import inspect_onnx
 from edgecv.export.onnx import export_onnx
 from edgecv.models import EDGECV_MODELS, build_model
 
@@ -157,7 +157,8 @@ def test_export_tensorrt_walks_up_to_the_tensorrt_call(finished_run, tmp_path):
 def test_the_device_build_plan_of_the_exported_file(run_with_tensorrt_file, version):
     """What a Jetson would build from the copied export folder: INT8 from the TensorRT-target graph, with
     the recipe's engine options and a profile covering bench (1, 8) and eval_batch_size (128)."""
-    from edgecv.export.tensorrt import BuildOptions, engine_path_for, engine_profile, plan_build
+    from edgecv.export.trt.build import BuildOptions, engine_path_for, plan_build
+    from edgecv.export.trt.options import engine_profile
     from edgecv.model_files import stored_data_section, stored_engine_options
 
     run_dir, _ = run_with_tensorrt_file

@@ -10,7 +10,7 @@ from conftest import random_batchnorm
 
 from edgecv.compress.quantize import PROFILES, apply_calibrator, collect_stats, prepare_qat
 from edgecv.errors import EdgecvError
-from edgecv.export.inspect import inspect_onnx
+from edgecv.export.lint import inspect_onnx
 from edgecv.export.onnx import check_parity, export_onnx, model_size_bytes
 from edgecv.models import build_model
 

@@ -34,7 +34,7 @@ from edgecv.export.frames import (
     ort_prologue,
     sqnr_db,
 )
-from edgecv.export.inspect import inspect_onnx
+from edgecv.export.lint import inspect_onnx
 from edgecv.export.onnx import export_onnx, ort_session
 from edgecv.models import build_model
 
@@ -355,11 +355,11 @@ needs_fashion_mnist = pytest.mark.skipif(not FASHION_MNIST_DIR.exists(), reason=
 
 def fashion_mnist_frames(split: str, n: int) -> tuple[np.ndarray, np.ndarray]:
     """The first `n` images of a split as uint8 N x 28 x 28 x 1 frames, and their labels."""
-    from edgecv.data.datasets import _read_idx
+    from edgecv.data.datasets import read_idx
 
     prefix = "train" if split == "train" else "t10k"
-    images = _read_idx(FASHION_MNIST_DIR / f"{prefix}-images-idx3-ubyte.gz")[:n]
-    labels = _read_idx(FASHION_MNIST_DIR / f"{prefix}-labels-idx1-ubyte.gz")[:n]
+    images = read_idx(FASHION_MNIST_DIR / f"{prefix}-images-idx3-ubyte.gz")[:n]
+    labels = read_idx(FASHION_MNIST_DIR / f"{prefix}-labels-idx1-ubyte.gz")[:n]
     return np.ascontiguousarray(images[..., None]), labels.astype(np.int64)
 
 

@@ -9,7 +9,7 @@ import torch
 
 from edgecv.compress.quantize import PROFILES, apply_calibrator, collect_stats, prepare_qat
 from edgecv.errors import EdgecvError
-from edgecv.export.inspect import format_inspect, inspect_onnx
+from edgecv.export.lint import format_inspect, inspect_onnx
 from edgecv.export.onnx import export_onnx
 from edgecv.models import build_model
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -83,3 +84,14 @@ def test_jetson_setup_installs_no_tensorrt_or_torch_from_pypi():
     script = (ROOT / "tools" / "jetson_setup.sh").read_text()
     installs = [line for line in script.splitlines() if "pip\" install" in line and not line.strip().startswith("#")]
     assert installs and not any("[tensorrt]" in line or "torch" in line for line in installs)
+
+
+def test_the_edgecv_command_points_at_a_public_function(tmp_path):
+    """`edgecv` (the console script pip writes from [project.scripts]) runs the function it names, and that
+    function is public: `--help` through it prints the commands and exits 0."""
+    module, _, function = PROJECT["scripts"]["edgecv"].partition(":")
+    assert not function.startswith("_")
+    code = f"import sys; sys.argv = ['edgecv', '--help']; from {module} import {function}; {function}()"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "compress" in proc.stdout and "bench" in proc.stdout

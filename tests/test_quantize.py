@@ -292,7 +292,7 @@ class _Activations(torch.nn.Module):
 def test_onnxruntime_placement_rewrites_activations_as_the_same_function(tmp_path):
     """SiLU, hard-swish, hard-sigmoid and means over H, W are written with ops ONNX Runtime runs in integer,
     computing the same function; once calibrated, the fake-quant model computes what ORT runs."""
-    from edgecv.export.inspect import inspect_onnx
+    from edgecv.export.lint import inspect_onnx
     from edgecv.export.onnx import export_onnx, ort_session
 
     torch.manual_seed(0)
@@ -317,7 +317,7 @@ def test_onnxruntime_placement_rewrites_activations_as_the_same_function(tmp_pat
 def test_ranges_after_relu_stay_at_zero_while_qat_learns_them(tmp_path):
     """A range learned below 0 after a ReLU would keep ONNX Runtime from fusing the ReLU into the integer conv
     (a float island per ReLU); the quantizer keeps 0 at the bottom of the range in training and export."""
-    from edgecv.export.inspect import inspect_onnx
+    from edgecv.export.lint import inspect_onnx
     from edgecv.export.onnx import export_onnx
 
     model, x = _model()

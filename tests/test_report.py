@@ -11,11 +11,11 @@ import pytest
 from rich.console import Console
 
 from edgecv.bench.measure import BatchResult, BenchRow
+from edgecv.report.cells import format_value
 from edgecv.report.plots import _spread_labels, _y_limits, pareto_front, plot_points
 from edgecv.report.render import (
     ReportSections,
     bench_table,
-    format_value,
     render_markdown,
     summary_rows,
     write_report,

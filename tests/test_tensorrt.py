@@ -20,17 +20,16 @@ from onnx import TensorProto, helper
 
 from edgecv.bench.trtexec import parse_trtexec_output
 from edgecv.errors import EdgecvError
-from edgecv.export.tensorrt import (
+from edgecv.export.trt.graph import onnx_has_qdq, onnx_input
+from edgecv.export.trt.metadata import (
     EngineMetadata,
-    builder_options,
     check_compatible,
     metadata_path,
-    onnx_has_qdq,
-    onnx_input,
     parse_version,
     read_metadata,
     write_metadata,
 )
+from edgecv.export.trt.options import builder_options
 from edgecv.models import build_model
 
 SHAPES = ([1, 3, 224, 224], [1, 3, 224, 224], [8, 3, 224, 224])
@@ -228,9 +227,9 @@ def test_onnx_has_qdq_and_input(float_onnx, tmp_path):
 
 @without_tensorrt
 def test_build_engine_without_tensorrt_is_a_user_error(float_onnx, tmp_path):
-    from edgecv.export.tensorrt import BuildOptions
+    from edgecv.export.trt.build import BuildOptions
     pytest.importorskip("onnx")
-    from edgecv.export.tensorrt import build_engine
+    from edgecv.export.trt.build import build_engine
 
     with pytest.raises(EdgecvError, match="TensorRT is not installed here.*TensorRT's Python bindings"):
         build_engine(float_onnx, tmp_path / "model.engine", BuildOptions(precision="fp16"))
@@ -242,7 +241,7 @@ def test_build_and_run_engine_matches_onnxruntime(float_onnx, tmp_path):
     """On a device: build, reuse, run batches larger than the profile, read back what was built."""
     pytest.importorskip("tensorrt")
     from edgecv.bench.runners import create_runner
-    from edgecv.export.tensorrt import BuildOptions, build_engine
+    from edgecv.export.trt.build import BuildOptions, build_engine
 
     engine = tmp_path / "model.engine"
     options = BuildOptions(precision="fp32", batches=(1, 4, 4), workspace_mb=256,
@@ -341,14 +340,14 @@ def test_parse_trtexec_rejects_garbage(text):
 
 
 def test_runner_checks_metadata_before_loading_the_engine(tmp_path, monkeypatch):
-    import edgecv.export.tensorrt as trt_export
+    import edgecv.export.trt.metadata as trt_meta
     from edgecv.bench.runners import create_runner
 
     engine = tmp_path / "model.engine"
     engine.write_bytes(b"not really an engine")  # never read: the check comes first
     write_metadata(engine, meta())
     jetson_nano = {"tensorrt_version": "8.2.1", "compute_capability": "5.3", "device_name": "NVIDIA Tegra X1"}
-    monkeypatch.setattr(trt_export, "current_device_facts", lambda: jetson_nano)
+    monkeypatch.setattr(trt_meta, "current_device_facts", lambda: jetson_nano)
     with pytest.raises(
         EdgecvError, match="model.engine: engine does not match this device: TensorRT 10.3.0.30"
     ):
@@ -369,7 +368,7 @@ def test_any_batch_runs_in_calls_the_profile_allows(n, lo, hi):
 
 def test_profile_covers_bench_and_validation_batches():
     """What edgecv runs on an engine it builds: bench batches and data.eval_batch_size (quick start: 500)."""
-    from edgecv.export.tensorrt import engine_profile
+    from edgecv.export.trt.options import engine_profile
     from edgecv.recipe import load_recipe
     from edgecv.stages.export import EngineConfig, build_options
 
@@ -416,7 +415,7 @@ INSPECTOR_JSON = json.dumps({"Layers": [
 
 
 def test_layer_precisions_from_the_engine_inspector():
-    from edgecv.export.tensorrt import format_precisions, layer_precisions
+    from edgecv.export.trt.engine import format_precisions, layer_precisions
 
     shares = layer_precisions(INSPECTOR_JSON)
     assert shares == {"layers": 4, "int8": 0.5, "fp16": 0.25, "fp32": 0.25}  # reformat and shape not counted
@@ -439,7 +438,7 @@ def qdq_path(tmp_path_factory):
      ("10.13.3.9", "auto", False, ["--fp16"]), ("8.6.1", "fp32", False, [])],
 )
 def test_fp16_on_tensorrt_11_builds_from_an_fp16_graph(float_onnx, tmp_path, version, precision, fp16_source, flags):
-    from edgecv.export.tensorrt import BuildOptions, plan_build
+    from edgecv.export.trt.build import BuildOptions, plan_build
 
     engine = tmp_path / "model.engine"
     plan = plan_build(float_onnx, engine, version, BuildOptions(precision=precision, batches=(1, 8, 256)))
@@ -451,7 +450,7 @@ def test_fp16_on_tensorrt_11_builds_from_an_fp16_graph(float_onnx, tmp_path, ver
 
 
 def test_int8_plan_from_a_qdq_graph_and_dla(qdq_path, tmp_path):
-    from edgecv.export.tensorrt import BuildOptions, plan_build
+    from edgecv.export.trt.build import BuildOptions, plan_build
 
     plan = plan_build(qdq_path, tmp_path / "m.engine", "8.6.1", BuildOptions(batches=(1, 8, 8), dla_core=1))
     assert plan.options["precision"] == "int8" and plan.options["builder_flags"] == ["INT8", "GPU_FALLBACK"]
@@ -466,7 +465,7 @@ def test_int8_plan_from_a_qdq_graph_and_dla(qdq_path, tmp_path):
     for no_dla in ("10.13.3.9", "11.4.0.106"):
         with pytest.raises(EdgecvError, match=f"TensorRT {no_dla} does not drive the DLA"):
             plan_build(qdq_path, tmp_path / "m.engine", no_dla, BuildOptions(dla_core=0))
-    from edgecv.export.tensorrt import check_dla_core
+    from edgecv.export.trt.options import check_dla_core
 
     check_dla_core(1, 2)
     with pytest.raises(EdgecvError, match="dla_core 0: this device has no DLA"):
@@ -476,7 +475,7 @@ def test_int8_plan_from_a_qdq_graph_and_dla(qdq_path, tmp_path):
 def test_fp16_graph_runs_and_agrees_with_the_float_graph(float_onnx, tmp_path):
     """The FP16 copy TensorRT 11 builds from: float16 weights, float32 inputs and outputs, same logits."""
     from edgecv.bench.runners import create_runner
-    from edgecv.export.tensorrt import onnx_is_fp16, write_fp16_onnx
+    from edgecv.export.trt.graph import onnx_is_fp16, write_fp16_onnx
 
     fp16 = write_fp16_onnx(float_onnx, tmp_path / "float.fp16.onnx")
     assert onnx_is_fp16(fp16) and not onnx_is_fp16(float_onnx)
@@ -489,7 +488,7 @@ def test_fp16_graph_runs_and_agrees_with_the_float_graph(float_onnx, tmp_path):
 
 
 def test_fp16_conversion_refuses_a_qdq_graph(qdq_path):
-    from edgecv.export.tensorrt import write_fp16_onnx
+    from edgecv.export.trt.graph import write_fp16_onnx
 
     with pytest.raises(EdgecvError, match="INT8 \\(Q/DQ\\) graph is not converted"):
         write_fp16_onnx(qdq_path)
@@ -505,7 +504,7 @@ def test_fields_unknown_at_build_time_are_never_held_against_the_engine(unknown)
 
 
 def test_metadata_of_a_build_keeps_unknown_facts_unknown(float_onnx, tmp_path):
-    from edgecv.export.tensorrt import BuildOptions, engine_metadata, plan_build
+    from edgecv.export.trt.build import BuildOptions, engine_metadata, plan_build
 
     engine = tmp_path / "model.engine"
     plan = plan_build(float_onnx, engine, "10.3.0", BuildOptions(precision="fp16"))
@@ -526,7 +525,7 @@ def test_device_facts_come_from_the_cuda_runtime_without_torch(tmp_path):
     shim = tmp_path / "shim"
     shim.mkdir()
     (shim / "sitecustomize.py").write_text("import sys\nsys.modules['torch'] = None\n")
-    code = ("from edgecv.export.tensorrt import current_device_facts\nimport sys\n"
+    code = ("from edgecv.export.trt.metadata import current_device_facts\nimport sys\n"
             "f = current_device_facts()\nprint(f['compute_capability'], f['device_name'], 'torch' in sys.modules "
             "and sys.modules['torch'] is not None)")
     import os
@@ -561,7 +560,7 @@ def test_free_memory_is_read_from_the_cuda_runtime_or_unknown():
 
 def test_a_gpu_runner_without_a_measurement_shows_a_dash():
     from edgecv.bench.measure import BenchSettings, Subject, measure
-    from edgecv.report.render import format_value
+    from edgecv.report.cells import format_value
 
     class EngineLike:
         backend = "tensorrt"

@@ -25,7 +25,7 @@ MODULE = "<module>"
 
 # edgecv helpers that hand out TensorRT / CUDA objects (what the walker cannot see through)
 KNOWN_RETURNS: dict[str, object] = {
-    "_import_tensorrt": MODULE,
+    "import_tensorrt": MODULE,
     "deserialize": (MODULE, "Runtime", "ICudaEngine"),
     "_parse": ("Builder", "INetworkDefinition", "OnnxParser"),
     "_configure": "IBuilderConfig",
@@ -235,7 +235,7 @@ def edgecv_uses() -> list[Use]:
     uses = []
     for path in sorted((ROOT / "edgecv").rglob("*.py")):
         text = path.read_text()
-        if "import tensorrt" in text or "_import_tensorrt" in text or "cuda" in text:
+        if "import tensorrt" in text or "import_tensorrt" in text or "cuda" in text:
             uses += walk_source(text, str(path.relative_to(ROOT)))
     return uses
 
@@ -309,7 +309,7 @@ def test_every_cuda_name_exists_in_the_installed_cuda_bindings(uses):
 def test_builder_flags_edgecv_picks_exist_in_that_version(version, precision, dla_core):
     """The flag names builder_options chooses per version (used through getattr) are that version's."""
     from edgecv.errors import EdgecvError
-    from edgecv.export.tensorrt import builder_options
+    from edgecv.export.trt.options import builder_options
 
     shapes = ([1, 3, 32, 32], [8, 3, 32, 32], [64, 3, 32, 32])
     try:

@@ -23,7 +23,9 @@ from edgecv.compress.quantize import (
     prepare_qat,
     set_learnable_ranges,
 )
-from edgecv.export.inspect import WEIGHTED_OPS, inspect_onnx, qdq_pattern
+from edgecv.export.lint import inspect_onnx
+from edgecv.export.lint.pattern import qdq_pattern
+from edgecv.export.lint.qdq_graph import WEIGHTED_OPS
 from edgecv.export.onnx import check_parity, export_onnx
 from edgecv.models import build_model
 

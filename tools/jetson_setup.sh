@@ -78,7 +78,7 @@ fi
 # 3. Check: TensorRT, the CUDA runtime and the GPU are visible from the venv, torch or not.
 "$VENV/bin/python" - <<'EOF'
 from edgecv.device import jetson_facts, jetson_summary, clock_warning
-from edgecv.export.tensorrt import current_device_facts
+from edgecv.export.trt.metadata import current_device_facts
 facts = current_device_facts()
 print(facts)
 assert facts["tensorrt_version"], "TensorRT Python bindings not importable from the venv"

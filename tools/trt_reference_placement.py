@@ -30,7 +30,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from edgecv.export.inspect import inspect_onnx, qdq_pattern  # noqa: E402
+from edgecv.export.lint import inspect_onnx  # noqa: E402
+from edgecv.export.lint.pattern import qdq_pattern  # noqa: E402
 from edgecv.export.onnx import export_onnx  # noqa: E402
 from edgecv.models import build_model  # noqa: E402
 

@@ -10,7 +10,7 @@ is downloaded) at a small input, each step of the chain a user's model goes thro
   ptq      prepare_qat + collect_stats + apply_calibrator('max') for both targets (onnxruntime, tensorrt)
   export   both INT8 files exported
   ort      the onnxruntime-target INT8 file runs in ONNX Runtime; float Conv/Gemm named with their reason
-  trt      the tensorrt-target file obeys TensorRT's Q/DQ rules (edgecv.export.inspect)
+  trt      the tensorrt-target file obeys TensorRT's Q/DQ rules (edgecv.export.lint)
   parity   ONNX Runtime INT8 logits vs the fake-quant torch model, both targets (logit SQNR and top-1
            agreement beyond the quantization noise); the SQNR column records the dB of each
 
@@ -278,7 +278,7 @@ class Chain:
                 for t, q in qmodels.items()}  # fmt: skip
 
     def ort(self, path: Path) -> str:
-        from edgecv.export.inspect import inspect_onnx
+        from edgecv.export.lint import inspect_onnx
         from edgecv.export.onnx import ort_session
 
         ort_session(path).run(["logits"], {"input": self.samples[:4].numpy()})  # raises if ORT cannot run it
@@ -291,7 +291,7 @@ class Chain:
         return f"pass: {len(weighted)} float: {', '.join(kinds)}"
 
     def trt(self, path: Path) -> str:
-        from edgecv.export.inspect import inspect_onnx
+        from edgecv.export.lint import inspect_onnx
 
         violations = inspect_onnx(path, "tensorrt")["violations"]
         if violations:

@@ -326,22 +326,23 @@ class TensorRTRunner:
 
     def __init__(self, model: Any, *, device: str = "cuda", threads: int | None = None) -> None:
         from edgecv.device import device_index
-        from edgecv.export import tensorrt as trt_export
+        from edgecv.export.trt import engine as trt_engine
+        from edgecv.export.trt import metadata as trt_meta
 
         path = _model_file(model, self.backend, ENGINE_SUFFIXES, "a TensorRT engine")
-        meta = trt_export.read_metadata(path) if trt_export.metadata_path(path).is_file() else None
-        self.current = trt_export.current_device_facts()
+        meta = trt_meta.read_metadata(path) if trt_meta.metadata_path(path).is_file() else None
+        self.current = trt_meta.current_device_facts()
         if meta is not None:  # before TensorRT loads it: a mismatch gets one clear line, not a crash
-            trt_export.check_compatible(meta, self.current, path)
-        trt_export._import_tensorrt()  # no metadata (trtexec built it): TensorRT's own check applies
+            trt_meta.check_compatible(meta, self.current, path)
+        trt_engine.import_tensorrt()  # no metadata (trtexec built it): TensorRT's own check applies
         cudart = _cudart()
         self.meta, self._cudart, self.path, self.device = meta, cudart, path, device
         self._buffers: dict[str, tuple[int, int]] = {}  # name -> (device pointer, bytes)
         _check_cuda(cudart.cudaSetDevice(device_index(device)), "cudaSetDevice")
         self._free_at_start = free_cuda_memory(cudart)
-        self._trt, self.runtime, self.engine = trt_export.deserialize(path)
-        self.io = trt_export.engine_io(self._trt, self.engine, path)
-        self.min_batch, self.max_batch = trt_export.batch_limits(self.io)
+        self._trt, self.runtime, self.engine = trt_engine.deserialize(path)
+        self.io = trt_engine.engine_io(self._trt, self.engine, path)
+        self.min_batch, self.max_batch = trt_engine.batch_limits(self.io)
         frames = self.io.input_dtype == "uint8"  # a frame-input file (export --input uint8-nhwc)
         self.input_kind = UINT8_NHWC if frames else FLOAT_NCHW
         self.normalization: Normalization | None = None  # set by whoever knows it (model_files: the ONNX file)
@@ -390,7 +391,7 @@ class TensorRTRunner:
         return cuda_memory_mb(self._free_at_start, free_cuda_memory(self._cudart))
 
     def describe(self) -> dict:
-        from edgecv.export.tensorrt import engine_device_memory
+        from edgecv.export.trt.engine import engine_device_memory
 
         memory = engine_device_memory(self.engine)
         return {

@@ -7,12 +7,11 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from edgecv.config import Strict, registry_choice
+from edgecv.data.bundle import DATASETS
 
 
 def _datasets():
-    from edgecv.data.datasets import DATASETS
-
-    return DATASETS
+    return DATASETS  # filled by edgecv.data.datasets, which the package's __init__ imports
 
 
 class DataConfig(Strict):
@@ -76,7 +75,6 @@ class DataConfig(Strict):
 DATASET_OPTIONS = ("num_classes", "channels", "train_size", "val_size", "workers", "pin_memory",
                    "persistent_workers", "prefetch_factor", "gpu_decode", "resize_size", "interpolation", "mean",
                    "std", "auto_augment", "random_erase")
-IMAGEFOLDER_OPTIONS = DATASET_OPTIONS[4:]
 
 
 def option(value: int | None, default: int) -> int:

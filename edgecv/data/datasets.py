@@ -5,16 +5,14 @@ from __future__ import annotations
 import gzip
 import inspect
 import os
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from edgecv.data.config import IMAGEFOLDER_OPTIONS, DataConfig, option
+from edgecv.data.bundle import DATASETS, DataBundle, dataset
+from edgecv.data.config import DataConfig, option
 from edgecv.errors import EdgecvError
-from edgecv.registry import Registry
 
 if TYPE_CHECKING:
     import torch
@@ -32,71 +30,6 @@ FASHION_MNIST_CLASSES = [
 ]  # fmt: skip
 
 
-@dataclass
-class DataBundle:
-    """Everything the pipeline needs from a dataset: loaders and the input geometry."""
-
-    name: str
-    train: Iterable
-    val: Iterable
-    num_classes: int
-    channels: int
-    image_size: int
-    class_names: list[str] = field(default_factory=list)
-    calib: Iterable | None = None  # un-augmented training batches, for calibration
-    source: str = ""
-    mean: tuple[float, ...] = ()  # per-channel normalization of pixel values in [0, 1]
-    std: tuple[float, ...] = ()
-    val_shard: Iterable | None = None  # this rank's part of `val` (distributed evaluation); None: all of it
-
-    @property
-    def eval_part(self) -> Iterable:
-        """What this rank evaluates when the ranks share the validation set (all of it for one process)."""
-        return self.val_shard if self.val_shard is not None else self.val
-
-    @property
-    def input_shape(self) -> tuple[int, int, int]:
-        return (self.channels, self.image_size, self.image_size)
-
-    def example_input(self, batch: int = 1) -> torch.Tensor:
-        import torch
-
-        return torch.zeros(batch, *self.input_shape)
-
-    def calibration_batches(self, n: int) -> list[torch.Tensor]:
-        out = []
-        for x, _ in self.calib if self.calib is not None else self.train:
-            out.append(x)
-            if len(out) >= n:
-                break
-        return out
-
-    def val_samples(self, n: int) -> torch.Tensor:
-        import torch
-
-        xs, seen = [], 0
-        for x, _ in self.val:
-            xs.append(x)
-            seen += len(x)
-            if seen >= n:
-                break
-        return torch.cat(xs)[:n]
-
-
-DatasetFactory = Callable[..., DataBundle]
-DATASETS: Registry[DatasetFactory] = Registry("dataset")
-
-
-def dataset(name: str, options: tuple[str, ...] = ()) -> Callable[[DatasetFactory], DatasetFactory]:
-    """Register a dataset factory; `options` are the dataset-specific `data` keys it takes."""
-
-    def register(factory: DatasetFactory) -> DatasetFactory:
-        factory.options = options  # type: ignore[attr-defined]
-        return DATASETS.register(name, factory)
-
-    return register
-
-
 def build_data(cfg: DataConfig, root: str | None = None, seed: int = 0, rank: int = 0, world_size: int = 1,
                device: str = "cpu") -> DataBundle:
     """Build the dataset named by `cfg.dataset`; `root` (from --data) overrides `cfg.root`. `rank` and
@@ -109,7 +42,8 @@ def build_data(cfg: DataConfig, root: str | None = None, seed: int = 0, rank: in
 # --------------------------------------------------------------------------- fashion-mnist
 
 
-def _read_idx(path: Path) -> np.ndarray:
+def read_idx(path: Path) -> np.ndarray:
+    """The uint8 array of a gzipped IDX file (Fashion-MNIST's format: images N x H x W, labels N)."""
     try:
         with gzip.open(path, "rb") as f:
             data = f.read()
@@ -185,8 +119,8 @@ def fashion_mnist(cfg: DataConfig, root: str | None, seed: int = 0, rank: int = 
     folder = find_fashion_mnist(root)
     arrays = {}
     for split, (img_f, lbl_f) in FASHION_MNIST_FILES.items():
-        images = torch.from_numpy(_read_idx(folder / img_f).copy()).unsqueeze(1)
-        labels = torch.from_numpy(_read_idx(folder / lbl_f).astype(np.int64))
+        images = torch.from_numpy(read_idx(folder / img_f).copy()).unsqueeze(1)
+        labels = torch.from_numpy(read_idx(folder / lbl_f).astype(np.int64))
         if cfg.image_size != 28:
             images = torch.nn.functional.interpolate(
                 images.float(), size=cfg.image_size, mode="bilinear", align_corners=False
@@ -247,7 +181,8 @@ def synthetic(cfg: DataConfig, root: str | None, seed: int = 0, rank: int = 0, w
 # --------------------------------------------------------------------------- imagefolder
 
 
-@dataset("imagefolder", options=IMAGEFOLDER_OPTIONS)
+@dataset("imagefolder", options=("workers", "pin_memory", "persistent_workers", "prefetch_factor", "gpu_decode",
+                                  "resize_size", "interpolation", "mean", "std", "auto_augment", "random_erase"))
 def imagefolder(cfg: DataConfig, root: str | None, seed: int = 0, rank: int = 0, world_size: int = 1,
                 device: str = "cpu") -> DataBundle:
     """ImageNet layout: `root/train/<class>/*.JPEG`, `root/val/<class>/*.JPEG` (see edgecv.data.imagefolder)."""
@@ -256,4 +191,5 @@ def imagefolder(cfg: DataConfig, root: str | None, seed: int = 0, rank: int = 0,
     return build_imagefolder(cfg, root, seed, rank, world_size, device)
 
 
-__all__ = ["DATASETS", "DataBundle", "build_data", "synthetic_arrays"]  # LimitedLoader: edgecv.data.loaders (torch)
+# DATASETS and DataBundle live in edgecv.data.bundle; LimitedLoader in edgecv.data.loaders (torch)
+__all__ = ["DATASETS", "DataBundle", "build_data", "synthetic_arrays"]

@@ -15,10 +15,9 @@ from typing import Any
 import torch
 
 from edgecv.data.config import DataConfig
-from edgecv.data.transforms import normalization, resize_size
+from edgecv.data.transforms import auto_augment_policy, interpolation_mode, normalization, resize_size
+from edgecv.data.unreadable import Skipped, reason
 from edgecv.device import is_cuda
-
-Skipped = tuple[str, str]
 
 
 def _quietly(fn, *args, **kwargs):
@@ -67,8 +66,6 @@ class BatchDecoder:
         self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
 
     def __call__(self, raws: list[tuple[torch.Tensor, str]], labels: torch.Tensor) -> tuple[Any, torch.Tensor, list[Skipped]]:
-        from edgecv.data.imagefolder import reason
-
         decoded = decode_images([r for r, _ in raws], self.device)
         keep = [i for i, img in enumerate(decoded) if isinstance(img, torch.Tensor)]
         skipped = [(raws[i][1], reason(img)) for i, img in enumerate(decoded) if not isinstance(img, torch.Tensor)]
@@ -85,8 +82,6 @@ def _tensor_transforms(cfg: DataConfig, train: bool):
     """(per-image uint8 transform, per-image erasing or None), with torchvision.transforms.v2 (tensors on
     any device)."""
     from torchvision.transforms import v2
-
-    from edgecv.data.transforms import auto_augment_policy, interpolation_mode
 
     interpolation = interpolation_mode(cfg)
     if not train:

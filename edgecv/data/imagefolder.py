@@ -24,8 +24,10 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data.distributed import DistributedSampler
 
 from edgecv.console import console
+from edgecv.data.bundle import DataBundle
 from edgecv.data.config import DataConfig, option
 from edgecv.data.transforms import normalization, train_transform, val_transform
+from edgecv.data.unreadable import Skipped, reason
 from edgecv.device import is_cuda
 from edgecv.errors import EdgecvError
 
@@ -34,15 +36,6 @@ IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, RuntimeError, struct
                 Image.DecompressionBombError)
 MAX_SKIPS_IN_A_ROW = 32  # more unreadable files in a row than this is a broken dataset, not a bad file
 SHOWN_NAMES = 8  # class names listed in the train/val mismatch message
-
-Skipped = tuple[str, str]  # (path, reason)
-
-
-def reason(exc: BaseException) -> str:
-    """A short, one-line reason: torchvision's C++ errors end in the message after the source location."""
-    text = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-    return text.rsplit(", ", 1)[-1] if ".cpp:" in text else text
-
 
 class ImageFiles(Dataset):
     """(image, label, skipped) samples from (path, label) pairs. `replace`: an unreadable file is replaced
@@ -222,11 +215,9 @@ def _loader(dataset: ImageFiles, batch_size: int, sampler: Sampler, settings: di
 
 
 def build_imagefolder(cfg: DataConfig, root: str | None, seed: int = 0, rank: int = 0, world_size: int = 1,
-                      device: str = "cpu"):
+                      device: str = "cpu") -> DataBundle:
     """The `imagefolder` DataBundle: train (equal shards per rank), val (all of it), val_shard (this rank's
     part, for evaluation during distributed training) and calib (un-augmented training images)."""
-    from edgecv.data.datasets import DataBundle
-
     base, classes = split_folders(root)
     train_samples, val_samples = scan(base / "train", classes), scan(base / "val", classes)
     if cfg.limit_train:

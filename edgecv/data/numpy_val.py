@@ -21,7 +21,6 @@ from edgecv.errors import EdgecvError
 
 # torchvision.datasets.folder.IMG_EXTENSIONS: the files ImageFolder lists
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-NUMPY_DATASETS = ("fashion-mnist", "imagefolder")
 
 
 @dataclass
@@ -93,12 +92,12 @@ def numpy_val(cfg: DataConfig, root: str | None) -> NumpyVal:
 
 # ----------------------------------------------------------------------------------------- Fashion-MNIST
 def _fashion_mnist(cfg: DataConfig, root: str | None) -> NumpyVal:
-    from edgecv.data.datasets import FASHION_MNIST_CLASSES, FASHION_MNIST_FILES, _read_idx, find_fashion_mnist
+    from edgecv.data.datasets import FASHION_MNIST_CLASSES, FASHION_MNIST_FILES, find_fashion_mnist, read_idx
 
     folder = find_fashion_mnist(root)
     img_file, lbl_file = FASHION_MNIST_FILES["val"]
-    images = _read_idx(folder / img_file)[:, None]
-    labels = _read_idx(folder / lbl_file).astype(np.int64)
+    images = read_idx(folder / img_file)[:, None]
+    labels = read_idx(folder / lbl_file).astype(np.int64)
     if cfg.limit_val:
         images, labels = images[: cfg.limit_val], labels[: cfg.limit_val]
     if cfg.image_size != 28:

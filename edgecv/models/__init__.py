@@ -21,9 +21,6 @@ EDGECV_MODELS: Registry[Callable[..., nn.Module]] = Registry("edgecv model")
 EDGECV_MODELS.register("resnet8", resnet8)
 EDGECV_MODELS.register("resnet20", resnet20)
 
-# Families whose builders torchvision calls classification models (torchvision.models.list_models()).
-SOURCES = ("torchvision", "edgecv")
-
 
 def list_models(source: str = "edgecv") -> list[str]:
     if source == "edgecv":

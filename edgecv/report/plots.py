@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from edgecv.bench.measure import BenchRow
-from edgecv.report.render import row_label
+from edgecv.report.cells import row_label
 
 
 @dataclass(frozen=True)

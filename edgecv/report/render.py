@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING, Any
 
 from edgecv.bench.measure import BenchRow
 from edgecv.io import atomic_write_bytes
+from edgecv.report.cells import format_value, row_label
+from edgecv.report.plots import pareto_png
 
 if TYPE_CHECKING:
     from rich.table import Table
 
-MISSING = "-"
-FORMATS = ("torch", "onnx", "onnx-int8", "engine")
 
 
 @dataclass
@@ -39,41 +39,6 @@ class ReportSections:
     prune_search: list[dict] = field(default_factory=list)  # {"ratio", "latency_ms", "macs", "params", ...}
 
 
-# -------------------------------------------------------------------------------------------- values
-def _si(value: float, suffixes: Sequence[tuple[float, str]]) -> str:
-    for scale, suffix in suffixes:
-        if abs(value) >= scale:
-            return f"{value / scale:.2f} {suffix}".rstrip()
-    return f"{value:g}"
-
-
-def format_value(kind: str, value: Any) -> str:
-    """One cell: None -> "-", counts with k/M/G, bytes with KiB/MiB, times and percentages fixed-point."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return MISSING
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if not isinstance(value, (int, float)):
-        return str(value)
-    if kind in ("params", "macs", "count"):
-        return _si(float(value), [(1e9, "G"), (1e6, "M"), (1e3, "k")])
-    if kind == "size_bytes":
-        return _si(float(value), [(2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB"), (1, "B")])
-    if kind in ("top1", "top5", "percent"):
-        return f"{value:.2f}"
-    if kind == "delta":
-        return f"{value:+.2f}"
-    if kind == "ratio":
-        return f"{value:.2f}x"
-    if kind == "ms":
-        return f"{value:.3f}" if value < 10 else f"{value:.2f}"
-    if kind in ("throughput_ips", "memory_mb", "seconds"):
-        return f"{value:,.1f}"
-    if kind == "sci":
-        return f"{value:.2e}"
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
 def _md_cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
@@ -82,12 +47,6 @@ def markdown_table(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(_md_cell(h) for h in header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in body]
     return "\n".join(lines)
-
-
-def row_label(row: BenchRow) -> str:
-    if not row.stage:
-        return Path(row.model).name
-    return f"{row.stage}/{row.format}" + (" (frames)" if row.input == "uint8-nhwc" else "")
 
 
 # ------------------------------------------------------------------------------------------- tables
@@ -308,8 +267,6 @@ def report_document(rows: Sequence[BenchRow], sections: ReportSections | None = 
 def write_report(run_dir: Path, rows: Sequence[BenchRow], sections: ReportSections | None = None,
                  title: str = "") -> dict[str, Path]:
     """Write report.json, report.md and pareto.png into `run_dir`, each atomically; returns their paths."""
-    from edgecv.report.plots import pareto_png
-
     run_dir = Path(run_dir)
     paths = {"json": run_dir / "report.json", "markdown": run_dir / "report.md", "pareto": run_dir / "pareto.png"}
     document = json.dumps(report_document(rows, sections), indent=2, default=str) + "\n"

@@ -46,7 +46,7 @@ class EngineConfig(Strict):
     @field_validator("precision")
     @classmethod
     def _known(cls, v: str) -> str:
-        from edgecv.export.tensorrt import REQUESTS
+        from edgecv.export.trt.options import REQUESTS
 
         if v not in REQUESTS:
             raise ValueError(f"precision {v!r}: choose from {', '.join(REQUESTS)}")
@@ -88,7 +88,7 @@ def _export_checked(model: nn.Module, path: Path, cfg: ExportConfig, ctx: StageC
 
 def _int8_file(model: nn.Module, out: Path, cfg: ExportConfig, ctx: StageContext, samples,
                name: str = "model.int8.onnx") -> dict:
-    from edgecv.export.inspect import inspect_onnx
+    from edgecv.export.lint import inspect_onnx
 
     target = quant_spec(model).target
     path = out / name
@@ -206,7 +206,8 @@ def engine_source(files: dict) -> str:
 def build_options(engine_cfg: EngineConfig, batch_sizes, eval_batch_size: int):
     """The engine build options of the recipe: its engine section, a profile covering the bench batch sizes
     and the validation batch (what edgecv itself runs on the engine)."""
-    from edgecv.export.tensorrt import BuildOptions, engine_profile
+    from edgecv.export.trt.build import BuildOptions
+    from edgecv.export.trt.options import engine_profile
 
     return BuildOptions(precision=engine_cfg.precision, batches=engine_profile(batch_sizes, eval_batch_size),
                         workspace_mb=engine_cfg.workspace_mb, timing_cache=engine_cfg.timing_cache,
@@ -255,7 +256,7 @@ def _frame_files(out: Path, files: dict, float_model: nn.Module | None, int8_mod
 
 
 def _engine(out: Path, files: dict, cfg: ExportConfig, ctx: StageContext) -> dict:
-    from edgecv.export.tensorrt import build_engine
+    from edgecv.export.trt.build import build_engine
 
     source = engine_source(files)
     build = build_options(cfg.engine, ctx.recipe.bench.batch_sizes, ctx.recipe.data.eval_batch_size)
@@ -271,7 +272,7 @@ def engine_for_checkpoint(net: nn.Module, header, onnx_path: Path, samples, opse
     quantized for another runtime), FP16 from the float graph; the profile covers `batch_sizes` and the
     validation batch recorded with the checkpoint."""
     from edgecv.export.onnx import check_parity, export_onnx
-    from edgecv.export.tensorrt import build_engine, engine_path_for
+    from edgecv.export.trt.build import build_engine, engine_path_for
 
     source = Path(onnx_path)
     if is_quantized(net) and quant_spec(net).target != "tensorrt":

@@ -82,7 +82,7 @@ def compare_precisions(float_model: nn.Module, qmodel: nn.Module, ctx: StageCont
     """Export both models, inspect the INT8 graph, and time both in ONNX Runtime at `batch` (and measure the
     float model's top-1 on the validation split when `with_accuracy`)."""
     from edgecv.bench.runners import create_runner
-    from edgecv.export.inspect import inspect_onnx
+    from edgecv.export.lint import inspect_onnx
     from edgecv.export.onnx import export_onnx
 
     example, threads = ctx.spec.example_input(), ctx.recipe.bench.threads
