@@ -122,7 +122,8 @@ def describe_holder(holder: dict | None) -> str:
     since = clock[:5] if day == time.strftime("%Y-%m-%d") else f"{day} {clock[:5]}".strip()
     host = holder.get("host")
     where = f" on {host}" if host and host != socket.gethostname() else ""
-    return f"pid {holder.get('pid', '?')}{where} ({holder.get('command', '?')})" + (f" since {since}" if since else "")
+    since = f" since {since}" if since else ""
+    return f"pid {holder.get('pid', '?')}{where} ({holder.get('command', '?')}){since}"
 
 
 def _read_holder(fd: int, wait_s: float = 0.0) -> dict | None:

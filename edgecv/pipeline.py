@@ -218,7 +218,8 @@ class Pipeline:
         state.entries.append(entry)
         self._write_manifest(_keep_later(state.entries, old))
         ctx = StageContext(self.recipe, self.run_dir, stage_dir, index, self.device, data, spec,
-                           dict(state.outputs), state.float_parent, self.dist, time_precisions=self.time_precisions)
+                           dict(state.outputs), state.float_parent, self.dist,
+                           time_precisions=self.time_precisions)
         console.rule(f"[bold]{stage_dir.name}")
         t0 = time.perf_counter()
         state.model = STAGES.get(name).run(state.model, cfg, ctx)
