@@ -92,10 +92,11 @@ def sensitivity(recipe: RecipeArg, set_: SetOpt = None, out: OutOpt = Path("runs
     tgt = target or (quant[0].target if quant else "onnxruntime")
     PROFILES.get(tgt)
     pipe = Pipeline(r, out, device, _data_root(data))
-    result = pipe.run(report=False, stop_before=("ptq", "qat", "export"))
-    model = load_model(next(reversed(result["outputs"].values())))[0]
-    rows = sensitivity_rows(model, tgt, result["data"], result["spec"].example_input(), metric=metric)
-    write_json(json_out or pipe.run_dir / "sensitivity.json", rows)
+    with pipe.locked():  # through writing sensitivity.json
+        result = pipe.run(report=False, stop_before=("ptq", "qat", "export"))
+        model = load_model(next(reversed(result["outputs"].values())))[0]
+        rows = sensitivity_rows(model, tgt, result["data"], result["spec"].example_input(), metric=metric)
+        write_json(json_out or pipe.run_dir / "sensitivity.json", rows)
     table = Table(title=f"INT8 sensitivity per layer ({tgt}, most sensitive first)")
     for col in ("rank", "layer", "SQNR dB", "top-1 drop"):
         table.add_column(col, justify="left" if col == "layer" else "right")

@@ -8,10 +8,14 @@ last finished epoch.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
+import shlex
 import shutil
+import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,12 +25,12 @@ from torch import nn
 
 from edgecv.checkpoint import save_model
 from edgecv.compress.quantize import is_quantized
-from edgecv.console import console
+from edgecv.console import console, err_console
 from edgecv.data.datasets import DataBundle, build_data
 from edgecv.data.transforms import with_weights_preprocessing
 from edgecv.device import resolve_device
 from edgecv.errors import EdgecvError
-from edgecv.io import atomic_write_text, write_json
+from edgecv.io import atomic_write_text, describe_holder, lock_run_dir, unlock_run_dir, write_json
 from edgecv.models.spec import ModelSpec
 from edgecv.recipe import Recipe, dump_recipe
 from edgecv.stages import STAGES, StageContext
@@ -58,7 +62,8 @@ class RunState:
 class Pipeline:
     """Run a recipe into `out/<recipe name>/`."""
 
-    def __init__(self, recipe: Recipe, out: Path, device: str = "auto", data_root: str | None = None) -> None:
+    def __init__(self, recipe: Recipe, out: Path, device: str = "auto", data_root: str | None = None,
+                 time_precisions: Callable | None = None) -> None:
         # a model that starts from torchvision weights is fed as those weights were trained (resize,
         # interpolation, mean/std), unless the recipe says otherwise; the resolved recipe records it
         data = with_weights_preprocessing(recipe.data, recipe.model.name, recipe.model.weights)
@@ -74,6 +79,47 @@ class Pipeline:
         self.data_root = data_root
         self.run_dir = Path(out) / recipe.name
         self.manifest_path = self.run_dir / MANIFEST
+        self.time_precisions = time_precisions  # INT8 vs float timing (None: ONNX Runtime; tests inject one)
+        self._locked = False
+
+    # ------------------------------------------------------------------ one writer per run dir
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the run dir's lock for the block (nested blocks share it): a second run into a run dir in
+        use is refused in one line; a stale lock left by a killed run is taken over, with a warning. Rank 0
+        holds it under torchrun. Released on return, on an error and on Ctrl-C."""
+        if self._locked:
+            yield
+            return
+        created = [d for d in (self.run_dir, *self.run_dir.parents) if not d.exists()]  # deepest first
+        fd = self._take_lock()
+        self._locked = True
+        try:
+            yield
+        finally:
+            self._locked = False
+            if fd is not None:
+                unlock_run_dir(self.run_dir, fd)
+                for folder in created:  # refused before anything was written (preflight): none left behind
+                    if any(folder.iterdir()):
+                        break
+                    folder.rmdir()
+
+    def _take_lock(self) -> int | None:
+        """The lock's file descriptor on rank 0 (None on the others); every rank raises if it is held."""
+        fd = stale = error = None
+        if self.dist.is_main:
+            try:
+                fd, stale = lock_run_dir(self.run_dir, "edgecv " + shlex.join(sys.argv[1:]))
+            except EdgecvError as exc:
+                error = str(exc)
+        error = broadcast_object(error, self.dist)
+        if error:
+            raise EdgecvError(error)
+        if stale:
+            err_console.print(f"warning: run dir {self.run_dir} was left locked by {describe_holder(stale)}, "
+                              "which is no longer running; taking its lock over", markup=False, soft_wrap=True)
+        return fd
 
     # ------------------------------------------------------------------ manifest
     def _read_manifest(self) -> dict:
@@ -105,6 +151,12 @@ class Pipeline:
 
     # ------------------------------------------------------------------ run
     def run(self, only_train: bool = False, report: bool = True, stop_before: tuple[str, ...] = ()) -> dict:
+        """Run the stages (all, the baseline only, or up to `stop_before`), then bench + report, holding the
+        run dir's lock."""
+        with self.locked():
+            return self._run(only_train, report, stop_before)
+
+    def _run(self, only_train: bool, report: bool, stop_before: tuple[str, ...]) -> dict:
         t_start = time.perf_counter()
         self._preflight(only_train)
         data = build_data(self.recipe.data, self.data_root, seed=self.recipe.seed, rank=self.dist.rank,
@@ -166,7 +218,8 @@ class Pipeline:
         state.entries.append(entry)
         self._write_manifest(_keep_later(state.entries, old))
         ctx = StageContext(self.recipe, self.run_dir, stage_dir, index, self.device, data, spec,
-                           dict(state.outputs), state.float_parent, self.dist)
+                           dict(state.outputs), state.float_parent, self.dist,
+                           time_precisions=self.time_precisions)
         console.rule(f"[bold]{stage_dir.name}")
         t0 = time.perf_counter()
         state.model = STAGES.get(name).run(state.model, cfg, ctx)

@@ -132,7 +132,7 @@ def test_sampler_records_a_real_subprocess(tmp_path, monkeypatch):
     assert TegrastatsSampler.available()
     with TegrastatsSampler(interval_ms=20) as sampler:
         t0 = time.perf_counter()
-        time.sleep(0.3)
+        sampler.wait_for_samples(count=5, timeout_s=60)  # five lines, however busy the machine is
         t1 = time.perf_counter()
     assert sampler._proc is None  # stopped
     assert len(sampler.samples) >= 5
@@ -153,6 +153,9 @@ def test_sampler_errors(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}/usr/bin{os.pathsep}/bin")
     sampler = TegrastatsSampler(interval_ms=10).start()
     try:
+        deadline = time.monotonic() + 60
+        while not sampler.lines and time.monotonic() < deadline:  # its first line, however busy the machine
+            time.sleep(0.01)
         with pytest.raises(EdgecvError, match="no power rails.*RAM 2840"):
             sampler.wait_for_samples(timeout_s=0.3)
     finally:

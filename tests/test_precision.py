@@ -4,12 +4,15 @@ shipping the faster model (export, metadata.json and the report say which and wh
 from __future__ import annotations
 
 import json
+import math
 import re
 
 import pytest
 from conftest import run_cli, write_recipe
 
+from edgecv.bench.latency import input_batch
 from edgecv.errors import EdgecvError
+from edgecv.pipeline import Pipeline
 from edgecv.recipe import validate
 from edgecv.stages.precision import PrecisionComparison, choose_precision
 
@@ -27,8 +30,69 @@ SLOW_INT8 = {
     "bench": {"batch_sizes": [1], "warmup": 2, "runs": 5, "rounds": 1},
 }  # fmt: skip
 VERDICT = re.compile(r"INT8 is \d+\.\dx slower than float here \(ONNX Runtime, batch 1: .* ms\): .+")
+FORCED_INT8 = [{"ptq": {"compare": ["max"], "calib_batches": 2}}, {"export": {"parity_samples": 64}}]
 
 
+def fixed_times(int8_ms: float, float_ms: float, calls: list):
+    """A precision timing that returns the times given: it runs each real ONNX Runtime session once at the
+    batch asked for (what a real timing would time), and records what it was asked."""
+
+    def time_ms(runners, input_shape, batch):
+        outputs = {name: runner(input_batch(input_shape, batch, False)) for name, runner in runners.items()}
+        calls.append({"formats": sorted(runners), "batch": batch, "rows": {k: len(v) for k, v in outputs.items()}})
+        return {"onnx": float_ms, "onnx-int8": int8_ms}
+
+    return time_ms
+
+
+def _run(recipe: dict, out, time_ms, capsys) -> tuple[str, dict]:
+    Pipeline(validate(recipe), out, "cpu", time_precisions=time_ms).run()
+    run = out / recipe["name"]
+    ptq = next(e for e in json.loads((run / "manifest.json").read_text())["stages"] if e["name"] == "ptq")
+    return capsys.readouterr().out, ptq
+
+
+def test_int8_measured_slower_prints_the_verdict_and_auto_ships_float(tmp_path, capsys):
+    """The verdict and `precision: auto` on injected times, through the real stages (ptq, export, report)."""
+    out, calls = tmp_path / "runs", []
+    stdout, ptq = _run(SLOW_INT8, out, fixed_times(2.0, 1.0, calls), capsys)
+    assert calls == [{"formats": ["onnx", "onnx-int8"], "batch": 1, "rows": {"onnx": 1, "onnx-int8": 1}}]
+    verdicts = [line for line in stdout.splitlines() if VERDICT.search(line)]
+    assert len(verdicts) == 1, stdout[-4000:]
+    assert "INT8 is 2.0x slower than float here (ONNX Runtime, batch 1: 2 vs 1 ms): " in verdicts[0]
+    assert "convs have fewer than 16 output channels" in verdicts[0]
+    assert "precision auto: float ships (float is 2.00x as fast as int8 at batch 1" in stdout
+    decision = ptq["metrics"]["precision"]
+    assert decision["chosen"] == "float" and decision["requested"] == "auto" and decision["ratio"] == 2.0
+    assert decision["float_top1"] is not None and decision["int8_top1"] is not None
+    assert ptq["quantized"] is False  # the stage's model is the float one
+    run = out / "slow-int8"
+    assert (run / "export" / "model.onnx").exists() and not (run / "export" / "model.int8.onnx").exists()
+    metadata = json.loads((run / "export" / "metadata.json").read_text())
+    assert metadata["precision"]["chosen"] == "float" and VERDICT.search(metadata["precision"]["verdict"])
+    report = (run / "report.md").read_text()
+    assert VERDICT.search(report) and "precision auto shipped the float model" in report
+    assert any("precision auto shipped the float model" in n for n in json.loads((run / "report.json").read_text())["notes"])
+
+    # precision int8 (the default) on the same times: the verdict again, and INT8 ships
+    stdout, ptq = _run({**SLOW_INT8, "stages": FORCED_INT8}, out, fixed_times(2.0, 1.0, calls), capsys)
+    assert "00-train: finished earlier, skipped" in stdout
+    assert len([line for line in stdout.splitlines() if VERDICT.search(line)]) == 1
+    assert (run / "export" / "model.int8.onnx").exists()
+    metadata = json.loads((run / "export" / "metadata.json").read_text())
+    assert metadata["precision"]["chosen"] == "int8" and metadata["precision"]["requested"] == "int8"
+
+    # INT8 measured faster, an accuracy budget that any top-1 meets: auto ships INT8, and no "slower" line
+    faster = [{"ptq": {**FORCED_INT8[0]["ptq"], "precision": "auto", "accuracy_budget": 100.0}}, FORCED_INT8[1]]
+    stdout, ptq = _run({**SLOW_INT8, "stages": faster}, out, fixed_times(0.5, 1.0, calls), capsys)
+    assert "INT8 is 2.0x faster than float here (ONNX Runtime, batch 1: 0.5 vs 1 ms)" in stdout
+    assert not VERDICT.search(stdout) and "precision auto: int8 ships (int8 is 2.00x as fast as float" in stdout
+    assert ptq["metrics"]["precision"]["chosen"] == "int8" and ptq["quantized"] is True
+    assert (run / "export" / "model.int8.onnx").exists()
+    assert "precision auto shipped the float model" not in (run / "report.md").read_text()
+
+
+@pytest.mark.slow  # real timing: INT8 must be measured slower than float on a tiny net (noise can say otherwise)
 def test_int8_slower_than_float_prints_the_verdict_and_auto_ships_float(tmp_path):
     recipe = write_recipe(tmp_path / "slow.yaml", SLOW_INT8)
     proc = run_cli("compress", str(recipe), "--out", str(tmp_path / "runs"), "--device", "cpu",
@@ -99,13 +163,23 @@ def test_precision_options_are_checked():
 
 
 def test_a_tiny_model_is_timed_long_enough_to_tell_the_precisions_apart():
-    """20 runs of a 50-microsecond model are 1 ms of timing: the block grows to ~0.1 s, within its bounds."""
-    import time
+    """20 runs of a 50-microsecond model are 1 ms of timing: the block grows to ~0.1 s, within its bounds.
+    Each call advances a clock by a chosen time (no measuring)."""
+    from edgecv.stages.precision import BLOCK_S, MAX_RUNS, MIN_RUNS, runs_for
 
-    from edgecv.stages.precision import MAX_RUNS, MIN_RUNS, runs_for
+    def runs(call_s: float, batch: int = 1, shapes: list | None = None) -> int:
+        now = [0.0]
 
-    calls = []
-    assert runs_for(lambda x: calls.append(x.shape), (3, 8, 8), 2) == MAX_RUNS  # a no-op: the most runs
-    assert calls[0] == (2, 3, 8, 8)  # timed at the batch asked for
-    assert runs_for(lambda x: time.sleep(0.02), (3, 8, 8), 1) == MIN_RUNS  # 20 ms a call: the fewest
-    assert MIN_RUNS < runs_for(lambda x: time.sleep(0.0005), (3, 8, 8), 1) < MAX_RUNS
+        def runner(x):
+            now[0] += call_s
+            if shapes is not None:
+                shapes.append(x.shape)
+
+        return runs_for(runner, (3, 8, 8), batch, clock=lambda: now[0])
+
+    shapes = []
+    assert runs(0.0, 2, shapes) == MAX_RUNS  # a no-op: the most runs
+    assert shapes[0] == (2, 3, 8, 8)  # timed at the batch asked for
+    assert runs(0.02) == MIN_RUNS  # 20 ms a call: the fewest
+    assert MIN_RUNS < runs(2**-11) == 205 < MAX_RUNS  # ~0.5 ms a call (exact in binary): 0.1 s of runs
+    assert 205 == math.ceil(BLOCK_S / 2**-11)

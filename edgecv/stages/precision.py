@@ -10,6 +10,7 @@ import json
 import math
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,6 +24,9 @@ from edgecv.stages.base import StageContext
 PRECISION_FILE = "precision.json"
 TIMING = {"warmup": 5, "rounds": 3}  # a short timing in blocks: enough to tell 10 % apart ...
 MIN_RUNS, MAX_RUNS, BLOCK_S = 20, 2000, 0.1  # ... given blocks of >= BLOCK_S each (a tiny model: many runs)
+# (runners by format: "onnx" float, "onnx-int8"; input shape; batch) -> median ms by format. The verdict and
+# `precision: auto` decide on what it returns; a test passes one that returns the times it chooses.
+TimePrecisions = Callable[[dict[str, Callable], tuple[int, int, int], int], dict[str, float]]
 _FRIENDLY_OPS = {"HardSigmoid": "hard-sigmoid", "HardSwish": "hard-swish", "Erf": "GELU (Erf)",
                  "ReduceMean": "mean", "Tanh": "tanh", "Softplus": "softplus"}  # fmt: skip
 
@@ -78,9 +82,12 @@ def _slow_convs(model: nn.Module) -> tuple[int, int]:
 
 
 def compare_precisions(float_model: nn.Module, qmodel: nn.Module, ctx: StageContext, batch: int,
-                       int8_top1: float | None, with_accuracy: bool) -> PrecisionComparison:
-    """Export both models, inspect the INT8 graph, and time both in ONNX Runtime at `batch` (and measure the
-    float model's top-1 on the validation split when `with_accuracy`)."""
+                       int8_top1: float | None, with_accuracy: bool,
+                       time_ms: TimePrecisions | None = None) -> PrecisionComparison:
+    """Export both models, inspect the INT8 graph, and time both in ONNX Runtime at `batch` with `time_ms`
+    (default `time_onnxruntime`), and measure the float model's top-1 on the validation split when
+    `with_accuracy`."""
+    from edgecv.bench.accuracy import evaluate
     from edgecv.bench.runners import create_runner
     from edgecv.export.lint import inspect_onnx
     from edgecv.export.onnx import export_onnx
@@ -91,32 +98,41 @@ def compare_precisions(float_model: nn.Module, qmodel: nn.Module, ctx: StageCont
                  "onnx-int8": export_onnx(qmodel, Path(tmp) / "model.int8.onnx", example)}  # fmt: skip
         graph = inspect_onnx(paths["onnx-int8"], "onnxruntime")
         runners = {name: create_runner("onnxruntime", path, threads=threads) for name, path in paths.items()}
-        subjects = [Subject(model=name, runner=runner, format=name,
-                            accuracy=None if name == "onnx" else {"top1": int8_top1})
-                    for name, runner in runners.items()]  # fmt: skip  (built once: memory is not measured here)
-        runs = runs_for(runners["onnx-int8"], ctx.spec.input_shape, batch)
-        settings = BenchSettings((batch,), accuracy=with_accuracy, memory=False, frames=False, runs=runs, **TIMING)
-        rows = measure(subjects, settings, ctx.spec.input_shape, lambda: ctx.data.val)
+        float_top1 = round(evaluate(runners["onnx"], ctx.data.val)["top1"], 3) if with_accuracy else None
+        times = (time_ms or time_onnxruntime)(runners, ctx.spec.input_shape, batch)
     no_kernel = sorted({f["op_type"] for f in graph["float_ops"] if "no integer kernel" in f["reason"]})
     slow, convs = _slow_convs(float_model)
     return PrecisionComparison(
-        target="ONNX Runtime", batch=batch, float_ms=rows[0].latency[0].p50_ms, int8_ms=rows[1].latency[0].p50_ms,
-        float_top1=rows[0].top1, int8_top1=int8_top1, no_integer_kernel=no_kernel,
+        target="ONNX Runtime", batch=batch, float_ms=times["onnx"], int8_ms=times["onnx-int8"],
+        float_top1=float_top1, int8_top1=int8_top1, no_integer_kernel=no_kernel,
         float_islands=graph.get("float_islands", 0), slow_convs=slow, convs=convs,
     )  # fmt: skip
 
 
-def runs_for(runner, input_shape: tuple[int, int, int], batch: int) -> int:
+def time_onnxruntime(runners: dict[str, Callable], input_shape: tuple[int, int, int],
+                     batch: int) -> dict[str, float]:
+    """The real measurement: median ms of each runner at `batch`, together in blocks with
+    `edgecv.bench.measure` (sessions built once: memory is not measured here), each block about BLOCK_S."""
+    subjects = [Subject(model=name, runner=runner, format=name) for name, runner in runners.items()]
+    runs = runs_for(runners["onnx-int8"], input_shape, batch)
+    settings = BenchSettings((batch,), accuracy=False, memory=False, frames=False, runs=runs, **TIMING)
+    rows = measure(subjects, settings, input_shape)
+    return {s.format: row.latency[0].p50_ms for s, row in zip(subjects, rows, strict=True)}
+
+
+def runs_for(runner, input_shape: tuple[int, int, int], batch: int,
+             clock: Callable[[], float] = time.perf_counter) -> int:
     """Timed runs per block so that a block lasts about BLOCK_S (within [MIN_RUNS, MAX_RUNS]): 20 runs of a
-    50-microsecond model are 1 ms of timing, and one scheduler hiccup decides which precision looks faster."""
+    50-microsecond model are 1 ms of timing, and one scheduler hiccup decides which precision looks faster.
+    `clock` (seconds) is the one the calls are timed with."""
     from edgecv.bench.latency import input_batch
 
     x = input_batch(input_shape, batch, False)
     runner(x)  # the first call builds ONNX Runtime's kernels
-    start = time.perf_counter()
+    start = clock()
     for _ in range(5):
         runner(x)
-    per_call = (time.perf_counter() - start) / 5
+    per_call = (clock() - start) / 5
     return int(min(MAX_RUNS, max(MIN_RUNS, math.ceil(BLOCK_S / max(per_call, 1e-6)))))
 
 

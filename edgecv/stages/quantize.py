@@ -211,7 +211,8 @@ def _ship(float_model: nn.Module, qmodel: nn.Module, cfg: QuantConfig, ctx: Stag
         chosen = broadcast_object(None, dist)
         return float_model if auto and chosen == "float" else qmodel
     batch = cfg.deploy_batch or min(ctx.recipe.bench.batch_sizes)
-    cmp = compare_precisions(float_model, qmodel, ctx, batch, int8_top1, with_accuracy=auto)
+    cmp = compare_precisions(float_model, qmodel, ctx, batch, int8_top1, with_accuracy=auto,
+                             time_ms=ctx.time_precisions)
     chosen, why = choose_precision(cmp, cfg.budget()) if auto else ("int8", "precision: int8 was asked")
     broadcast_object(chosen, dist)
     if before_training and chosen == "int8":
