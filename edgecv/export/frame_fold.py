@@ -279,7 +279,7 @@ def _rewrite_int8_tensorrt(graph, first: _FirstConv, weight, channel, norm, name
     from onnx import TensorProto, helper
 
     conv, m = first.conv, norm.mean_pixel
-    scale = np.float32(np.max(np.maximum(m, 255.0 - m)) / 127.0)
+    scale = np.float32(symmetric_scale(torch.tensor(float(np.max(np.maximum(m, 255.0 - m))))))
     zero = _add_init(graph, "frame_zero_point", np.int8(0))
     s = _add_init(graph, "frame_scale", scale)
     mean = _add_init(graph, "frame_mean_pixel", m.astype(np.float32))
