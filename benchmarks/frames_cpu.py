@@ -29,8 +29,9 @@ from edgecv.bench.latency import benchmark_blocks, synthetic_frames
 from edgecv.bench.measure import Preprocessed
 from edgecv.bench.runners import create_runner
 from edgecv.compress.quantize import apply_calibrator, collect_stats, prepare_qat
-from edgecv.export.frames import Normalization, export_frame_onnx, ort_prologue, sqnr_db
+from edgecv.export.frames import Normalization, export_frame_onnx, ort_prologue
 from edgecv.export.onnx import export_onnx
+from edgecv.export.parity import sqnr_db
 
 THREADS = 2
 IMAGENET = Normalization((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))

@@ -32,10 +32,10 @@ from edgecv.export.frames import (
     export_frame_onnx,
     fold_frame_input,
     ort_prologue,
-    sqnr_db,
 )
 from edgecv.export.lint import inspect_onnx
 from edgecv.export.onnx import export_onnx, ort_session
+from edgecv.export.parity import sqnr_db
 from edgecv.models import build_model
 
 IMAGENET = Normalization((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # mean pixels 124/116/104: explicit pad

@@ -11,14 +11,8 @@ from onnx import numpy_helper
 
 from edgecv.compress.prune import PruneConfig, prune_model
 from edgecv.compress.quantize import PROFILES, apply_calibrator, collect_stats, prepare_qat
-from edgecv.export.onnx import (
-    INT8_MIN_AGREEMENT,
-    INT8_MIN_SQNR_DB,
-    check_parity,
-    export_onnx,
-    int8_parity_ok,
-    logit_agreement,
-)
+from edgecv.export.onnx import check_parity, export_onnx
+from edgecv.export.parity import INT8_MIN_AGREEMENT, INT8_MIN_SQNR_DB, int8_parity_ok, logit_agreement
 from edgecv.models import build_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

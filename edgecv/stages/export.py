@@ -219,14 +219,9 @@ def _frame_files(out: Path, files: dict, float_model: nn.Module | None, int8_mod
                  ctx: StageContext, samples) -> dict[str, dict]:
     """A frame-input twin of each ONNX file, checked against its torch model on the validation images as
     uint8 frames; a twin that disagrees is refused like any other export."""
-    from edgecv.export.frames import (
-        INT8_MIN_SQNR_DB,
-        Normalization,
-        check_frame_parity,
-        export_frame_onnx,
-        ort_prologue,
-    )
+    from edgecv.export.frames import Normalization, check_frame_parity, export_frame_onnx, ort_prologue
     from edgecv.export.onnx import model_size_bytes
+    from edgecv.export.parity import FRAME_MIN_SQNR_DB
 
     norm = Normalization.of(ctx.spec)
     frames = norm.to_frames(samples.cpu().numpy())
@@ -244,7 +239,7 @@ def _frame_files(out: Path, files: dict, float_model: nn.Module | None, int8_mod
                 raise EdgecvError(
                     f"export: {path.name} disagrees with the torch model: top-1 agreement "
                     f"{100 * parity['top1_agreement']:.2f}% < 99% and logit SQNR {parity['sqnr_db']:.1f} dB < "
-                    f"{INT8_MIN_SQNR_DB:.0f} dB on {parity['n']} validation images")
+                    f"{FRAME_MIN_SQNR_DB:.0f} dB on {parity['n']} validation images")
             _require_parity(path, parity, int8=False)
         c, h, w = ctx.spec.input_shape
         out_files[path.name] = {
@@ -291,7 +286,7 @@ def _require_parity(path: Path, parity: dict, int8: bool) -> None:
     if parity.get("ok"):
         return
     if int8:
-        from edgecv.export.onnx import INT8_MIN_AGREEMENT, INT8_MIN_SQNR_DB
+        from edgecv.export.parity import INT8_MIN_AGREEMENT, INT8_MIN_SQNR_DB
 
         decided = parity["decided_agreement"]
         raise EdgecvError(

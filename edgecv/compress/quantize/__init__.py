@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from edgecv.compress.quantize.build import FLOAT_SHAPES_KEY, META_KEY, build_quantized
 from edgecv.compress.quantize.calibrate import (
     CALIBRATORS,
     CalibStats,
@@ -27,15 +28,10 @@ from edgecv.compress.quantize.calibrate import (
     set_learnable_ranges,
 )
 from edgecv.compress.quantize.fakequant import FakeQuantize, QuantConv2d, QuantLinear
-from edgecv.compress.quantize.placement import (
-    FLOAT_SHAPES_KEY,
-    META_KEY,
-    PROFILES,
-    PlacementProfile,
-    build_quantized,
-)
+from edgecv.compress.quantize.placer import PlacementProfile
 from edgecv.compress.quantize.sensitivity import layer_sensitivity, resolve_skip_layers
 from edgecv.compress.quantize.spec import QuantSpec
+from edgecv.compress.quantize.targets import PROFILES
 from edgecv.errors import EdgecvError
 
 __all__ = [

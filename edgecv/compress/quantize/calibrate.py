@@ -18,6 +18,7 @@ from edgecv.compress.quantize.fakequant import (
     FakeQuantize,
     QuantConv2d,
     activation_quantizers,
+    bn_factor,
     fake_quantizers,
 )
 from edgecv.errors import EdgecvError
@@ -296,11 +297,9 @@ def apply_calibrator(qmodel: nn.Module, stats: CalibStats, method: str = "max", 
         if hasattr(module, "weight_quant") and isinstance(module.weight_quant, FakeQuantize):
             weight = module.weight
             if isinstance(module, QuantConv2d) and module.bn is not None:
-                bn = module.bn
-                gamma = bn.weight if bn.weight is not None else torch.ones_like(bn.running_var)
-                weight = weight * (gamma / torch.sqrt(bn.running_var + bn.eps)).reshape(-1, 1, 1, 1)
+                weight = weight * bn_factor(module.bn).reshape(-1, 1, 1, 1)
             with torch.no_grad():
-                module.weight_quant.amax.copy_(module.weight_quant._channel_amax(weight).clamp(min=1e-8))
+                module.weight_quant.set_range(0.0, module.weight_quant.channel_amax(weight))
             module.weight_quant.enabled.fill_(True)
 
 

@@ -14,19 +14,41 @@ from torch import nn
 MIN_ACTIVATION_SCALE = 1e-6
 
 
+# A symmetric range at or below this is dead (a channel of zeros, a tensor that never fires).
+DEAD_RANGE = 1e-8
+
+
 def _round_ste(x: torch.Tensor) -> torch.Tensor:
     """round() whose gradient is the identity (straight-through estimator)."""
     return (x.round() - x).detach() + x
 
 
-class FakeQuantize(nn.Module):
-    """Per-tensor or per-channel fake quantizer.
+def symmetric_scale(amax: torch.Tensor) -> torch.Tensor:
+    """The int8 symmetric scale |amax| / 127, the one rule for weights and activations, in training,
+    calibration and export. A dead range (|amax| <= DEAD_RANGE) gets scale 1, as ONNX Runtime's quantizer
+    does: its values quantize to 0 either way, and an int32 bias (bias / (input scale x weight scale))
+    cannot overflow. Differentiable in `amax` where the range is live."""
+    amax = amax.abs()
+    return torch.where(amax > DEAD_RANGE, amax / 127.0, torch.ones_like(amax))
 
-    `symmetric=True`: int8 in [-128, 127] with zero point 0 and scale = amax / 127, so values stay in
-    [-127, 127] (TensorRT; weights). `symmetric=False`: uint8 in [0, 255], asymmetric over [lo, hi]
-    (ONNX Runtime activations). In training with learnable ranges the forward is differentiable in the
-    range (LSQ-style, straight-through rounding); otherwise it calls torch's fake-quantize ops, which the
-    TorchScript ONNX exporter turns into QuantizeLinear/DequantizeLinear.
+
+def bn_factor(bn: nn.BatchNorm2d) -> torch.Tensor:
+    """gamma / sqrt(running var + eps): what folding an eval-mode BatchNorm multiplies each channel by."""
+    gamma = bn.weight if bn.weight is not None else torch.ones_like(bn.running_var)
+    return gamma / torch.sqrt(bn.running_var + bn.eps)
+
+
+class FakeQuantize(nn.Module):
+    """Per-tensor or per-channel fake quantizer that owns its range and its scale bounds.
+
+    `symmetric=True`: int8 in [-128, 127] with zero point 0 and scale `symmetric_scale(amax)`, so values stay
+    in [-127, 127] (TensorRT; weights). `symmetric=False`: uint8 in [0, 255], asymmetric over [lo, hi]
+    (ONNX Runtime activations), with the scale kept inside its bounds: at least MIN_ACTIVATION_SCALE and a
+    floor tied to another quantizer (`set_scale_floor`), at most a ceiling tied to another
+    (`set_scale_ceiling`). One computation (`_qparams`) serves calibration, the learnable QAT path (LSQ-style,
+    straight-through rounding) and export (torch's fake-quantize ops, which the TorchScript exporter turns
+    into QuantizeLinear/DequantizeLinear), so what QAT trains is what runs. `freeze` fixes the scale and zero
+    point as constants for export.
     """
 
     def __init__(
@@ -53,7 +75,10 @@ class FakeQuantize(nn.Module):
         else:
             self.lo = nn.Parameter(torch.zeros(shape), requires_grad=False)
             self.hi = nn.Parameter(torch.ones(shape), requires_grad=False)
+        # tuples: the other quantizer is referenced, not registered as a submodule twice
         self._scale_floor: tuple[FakeQuantize, float] | None = None
+        self._scale_ceiling: tuple[FakeQuantize] | None = None
+        self.frozen: tuple[bool] | None = None  # (enabled,) once `freeze` made scale and zero point constants
         self.register_buffer("enabled", torch.tensor(False))
         # dynamic: the range is the current per-channel max of the input (weights), not a stored value
         self.register_buffer("dynamic", torch.tensor(dynamic))
@@ -68,57 +93,29 @@ class FakeQuantize(nn.Module):
         narrow = ", narrow range" if self.narrow_range else ""
         return f"{kind}, {where}{narrow}, enabled={bool(self.enabled)}"
 
-    def _channel_amax(self, x: torch.Tensor) -> torch.Tensor:
+    def channel_amax(self, x: torch.Tensor) -> torch.Tensor:
+        """max |x| over every dimension but the channel axis (a weight's per-output-channel range)."""
         dims = [d for d in range(x.dim()) if d != self.axis]
         return x.detach().abs().amax(dim=dims)
-
-    def qparams(self, x: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scale, zero_point int32) from the current range."""
-        if self.symmetric:
-            amax = self._channel_amax(x) if (x is not None and bool(self.dynamic)) else self.amax
-            # a range of zero (a dead channel or tensor) gets scale 1, as onnxruntime's quantizer does,
-            # so that int32 biases (bias / (input scale * weight scale)) cannot overflow
-            scale = torch.where(amax > 1e-8, amax / 127.0, torch.ones_like(amax))
-            return scale, torch.zeros_like(scale, dtype=torch.int32)
-        lo, hi = self._bounds()
-        scale = self._asymmetric_scale(lo, hi)
-        zero_point = (-lo / scale).round().clamp(0, 255).to(torch.int32)
-        return scale, zero_point
-
-    def _asymmetric_scale(self, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-        """(hi - lo) / 255, no less than MIN_ACTIVATION_SCALE nor than the floor `set_scale_floor` ties to
-        another quantizer. The same in training, calibration and export, so what QAT trains is what runs."""
-        scale = ((hi - lo) / 255.0).clamp(min=MIN_ACTIVATION_SCALE)
-        if self._scale_floor is not None:
-            other, factor = self._scale_floor
-            scale = torch.maximum(scale, other._asymmetric_scale(*other._bounds()) * factor)
-        return scale
 
     def set_scale_floor(self, other: FakeQuantize, factor: float) -> None:
         """Keep this quantizer's scale at least `factor` x `other`'s (asymmetric only), e.g. a global average
         pool's output against its input: ONNX Runtime's QLinearGlobalAveragePool refuses to run ("parameter
         out of computation range") when input scale / (output scale x pixels) reaches 256."""
-        if self.symmetric or other.symmetric:
-            raise ValueError("set_scale_floor: asymmetric (uint8) quantizers only")
-        self._scale_floor = (other, float(factor))  # a tuple: `other` is not registered as a submodule twice
+        self._check_asymmetric(other, "set_scale_floor")
+        self._scale_floor = (other, float(factor))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not bool(self.enabled):
-            return x
-        params = [self.amax] if self.symmetric else [self.lo, self.hi]
-        if self.training and any(p.requires_grad for p in params):
-            return self._forward_learnable(x)
-        scale, zero_point = self.qparams(x)
-        if self.narrow_range and self.symmetric:
-            bound = (127.0 * scale.detach()).reshape(self._broadcast_shape(x))
-            x = torch.clamp(x, -bound, bound)
-        if self.channels is not None:
-            return torch.fake_quantize_per_channel_affine(
-                x, scale.detach(), zero_point, self.axis, self.quant_min, self.quant_max
-            )
-        return torch.fake_quantize_per_tensor_affine(
-            x, scale.detach(), zero_point, self.quant_min, self.quant_max
-        )
+    def set_scale_ceiling(self, other: FakeQuantize) -> None:
+        """Keep this quantizer's scale at most `other`'s (asymmetric only): where it would be wider, `other`'s
+        scale and zero point are used. An average pool's output against its input: an average never leaves
+        its input's range, and QLinearGlobalAveragePool refuses input / output scale ratios below 2^-32,
+        which a pooled range that collapsed to zero (scale 1) next to a tiny live input range would give."""
+        self._check_asymmetric(other, "set_scale_ceiling")
+        self._scale_ceiling = (other,)
+
+    def _check_asymmetric(self, other: FakeQuantize, what: str) -> None:
+        if self.symmetric or other.symmetric:
+            raise ValueError(f"{what}: asymmetric (uint8) quantizers only")
 
     def _bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The asymmetric range [lo, hi], always holding 0; after a clamp to [0, max_range] (ReLU, ReLU6) it
@@ -129,23 +126,74 @@ class FakeQuantize(nn.Module):
             lo, hi = lo.clamp(min=0.0), hi.clamp(max=self.max_range)
         return lo, hi
 
+    def _qparams(self, x: torch.Tensor | None, learnable: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, zero point as a float tensor) from the range, inside the scale bounds; `learnable`: the
+        zero point rounds straight-through, so both are differentiable in the range."""
+        if self.symmetric:
+            amax = self.channel_amax(x) if (x is not None and bool(self.dynamic)) else self.amax
+            scale = symmetric_scale(amax)
+            return scale, torch.zeros_like(scale)
+        lo, hi = self._bounds()
+        scale = ((hi - lo) / 255.0).clamp(min=MIN_ACTIVATION_SCALE)
+        if self._scale_floor is not None:
+            other, factor = self._scale_floor
+            scale = torch.maximum(scale, other._qparams(None, learnable)[0] * factor)
+        zero_point = (_round_ste if learnable else torch.round)(-lo / scale).clamp(0, 255)
+        if self._scale_ceiling is not None and bool(self._scale_ceiling[0].enabled):
+            top_scale, top_zero_point = self._scale_ceiling[0]._qparams(None, learnable)
+            wider = scale > top_scale
+            scale = torch.where(wider, top_scale, scale)
+            zero_point = torch.where(wider, top_zero_point, zero_point)
+        return scale, zero_point
+
+    def qparams(self, x: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, zero_point int32) from the current range (`x`: the weight, for a dynamic range)."""
+        if self.frozen is not None:
+            return self.frozen_scale, self.frozen_zero_point
+        scale, zero_point = self._qparams(x, learnable=False)
+        return scale.detach(), zero_point.detach().to(torch.int32)
+
+    @torch.no_grad()
+    def freeze(self, x: torch.Tensor | None = None) -> FakeQuantize:
+        """Fix scale and zero point as constants (from `x`, the weight, for a dynamic range): the same values,
+        exported without the range arithmetic the exporter would otherwise trace and fold for every
+        quantizer (most of the export time). For an export copy: the range no longer counts."""
+        scale, zero_point = self.qparams(x)
+        self.register_buffer("frozen_scale", scale.clone())
+        self.register_buffer("frozen_zero_point", zero_point.clone())
+        self.frozen = (bool(self.enabled),)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.frozen[0] if self.frozen is not None else bool(self.enabled)):
+            return x
+        if self.frozen is None and self.training and any(p.requires_grad for p in self.range_parameters()):
+            scale, zero_point = self._qparams(x, learnable=True)
+            return self._fake_quant_learnable(x, scale, zero_point)
+        scale, zero_point = self.qparams(x)
+        if self.narrow_range and self.symmetric:  # clip to +-127 steps: the int8 file holds no -128
+            bound = (127.0 * scale).reshape(self._broadcast_shape(x))
+            x = torch.clamp(x, -bound, bound)
+        if self.channels is not None:
+            return torch.fake_quantize_per_channel_affine(
+                x, scale, zero_point, self.axis, self.quant_min, self.quant_max
+            )
+        return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, self.quant_min, self.quant_max)
+
     def _broadcast_shape(self, x: torch.Tensor) -> list[int]:
         shape = [1] * x.dim()
         if self.channels is not None:
             shape[self.axis] = -1
         return shape
 
-    def _forward_learnable(self, x: torch.Tensor) -> torch.Tensor:
+    def _fake_quant_learnable(self, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+        """Fake quantization differentiable in x (straight-through) and in the range (through scale)."""
         shape = self._broadcast_shape(x)
-        if self.symmetric:
-            scale = (self.amax.abs().clamp(min=1e-8) / 127.0).reshape(shape)
-            q_min = -self.quant_max if self.narrow_range else self.quant_min
-            q = torch.clamp(_round_ste(x / scale), q_min, self.quant_max)
-            return q * scale
-        lo, hi = self._bounds()
-        scale = self._asymmetric_scale(lo, hi).reshape(shape)
-        zero_point = torch.clamp(_round_ste(-lo.reshape(shape) / scale), 0, 255)
-        q = torch.clamp(_round_ste(x / scale) + zero_point, self.quant_min, self.quant_max)
+        scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
+        q_min = -self.quant_max if (self.narrow_range and self.symmetric) else self.quant_min
+        # x * (1 / scale), not x / scale: torch's fake-quantize kernels (the export path) multiply by the
+        # inverse, and an exact tie (a pool whose scale is capped at its input's) must round the same way
+        q = torch.clamp(_round_ste(x * (1.0 / scale)) + zero_point, q_min, self.quant_max)
         return (q - zero_point) * scale
 
     @torch.no_grad()
@@ -156,7 +204,7 @@ class FakeQuantize(nn.Module):
         if self.max_range is not None:
             lo_t, hi_t = lo_t.clamp(min=0.0), hi_t.clamp(max=self.max_range)
         if self.symmetric:
-            self.amax.copy_(torch.maximum(lo_t.abs(), hi_t.abs()).clamp(min=1e-8).expand_as(self.amax))
+            self.amax.copy_(torch.maximum(lo_t.abs(), hi_t.abs()).clamp(min=DEAD_RANGE).expand_as(self.amax))
         else:
             self.lo.copy_(lo_t.clamp(max=0.0).expand_as(self.lo))
             self.hi.copy_(hi_t.clamp(min=0.0).expand_as(self.hi))
@@ -217,12 +265,7 @@ class _WeightQuantMixin:
             or torch.onnx.is_in_onnx_export()
         ):
             return self.bias
-        w_quant = self.weight_quant
-        if w_quant.training and w_quant.amax.requires_grad:  # learned weight ranges (see _forward_learnable)
-            w_scale = w_quant.amax.abs().clamp(min=1e-8) / 127.0
-        else:
-            w_scale = w_quant.qparams(weight)[0]
-        scale = (x_quant.qparams()[0].detach() * w_scale.detach()).clamp(min=1e-30)
+        scale = (x_quant.qparams()[0] * self.weight_quant.qparams(weight)[0]).clamp(min=1e-30)
         q = self.bias / scale
         if bool((q.detach().abs() > INT32_MAX).any()):  # export leaves such a bias in float
             return self.bias
@@ -277,7 +320,7 @@ class QuantConv2d(nn.Conv2d, _WeightQuantMixin):
         if self.bn is None:
             return self._conv_forward(x, self.quantized_weight(), self.quantized_bias(self.weight))
         bn = self.bn
-        factor = _bn_gamma(bn) / torch.sqrt(bn.running_var + bn.eps)
+        factor = bn_factor(bn)
         weight = self.weight_quant(self.weight * factor.reshape(-1, 1, 1, 1))
         y = self._conv_forward(x, weight, None) / factor.reshape(1, -1, 1, 1)
         return bn(y + self.bias.reshape(1, -1, 1, 1))
@@ -315,16 +358,12 @@ class QuantLinear(nn.Linear, _WeightQuantMixin):
         return F.linear(x, self.quantized_weight(), self.quantized_bias(self.weight))
 
 
-def _bn_gamma(bn: nn.BatchNorm2d) -> torch.Tensor:
-    return bn.weight if bn.weight is not None else torch.ones_like(bn.running_var)
-
-
 def fold_bn_into(
     weight: torch.Tensor, bias: torch.Tensor, bn: nn.BatchNorm2d
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Conv weight and bias with an eval-mode BatchNorm folded in."""
     with torch.no_grad():
-        factor = _bn_gamma(bn) / torch.sqrt(bn.running_var + bn.eps)
+        factor = bn_factor(bn)
         new_weight = weight * factor.reshape(-1, *([1] * (weight.dim() - 1)))
         beta = bn.bias if bn.bias is not None else torch.zeros_like(bias)
         new_bias = (bias - bn.running_mean) * factor + beta

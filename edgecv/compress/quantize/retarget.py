@@ -16,8 +16,9 @@ import dataclasses
 import torch
 from torch import fx, nn
 
-from edgecv.compress.quantize.fakequant import FakeQuantize, QuantConv2d, QuantLinear, _bn_gamma
-from edgecv.compress.quantize.placement import META_KEY, build_quantized, node_kind
+from edgecv.compress.quantize.build import META_KEY, build_quantized
+from edgecv.compress.quantize.fakequant import FakeQuantize, QuantConv2d, QuantLinear, bn_factor
+from edgecv.compress.quantize.graph import node_kind
 from edgecv.errors import EdgecvError
 
 _PASS_THROUGH = ("transparent", "shape")  # nodes whose output is their input's quantized value
@@ -54,7 +55,7 @@ def clamp_weights_to_ranges(model: nn.Module) -> None:
             continue
         amax = m.weight_quant.amax.detach().abs()
         if isinstance(m, QuantConv2d) and m.bn is not None:  # the range applies to the BN-scaled weight
-            amax = amax / (_bn_gamma(m.bn) / torch.sqrt(m.bn.running_var + m.bn.eps)).abs().clamp(min=1e-12)
+            amax = amax / bn_factor(m.bn).abs().clamp(min=1e-12)
         bound = amax.reshape(-1, *([1] * (m.weight.dim() - 1)))
         m.weight.copy_(torch.maximum(torch.minimum(m.weight, bound), -bound))
 

@@ -8,9 +8,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from edgecv.compress.quantize.build import build_quantized
 from edgecv.compress.quantize.calibrate import apply_calibrator, collect_stats, set_fake_quant
 from edgecv.compress.quantize.fakequant import QuantConv2d, QuantLinear
-from edgecv.compress.quantize.placement import build_quantized, place_layer_inputs
+from edgecv.compress.quantize.placer import place_layer_inputs
 from edgecv.compress.quantize.spec import QuantSpec
 from edgecv.errors import EdgecvError
 
