@@ -385,6 +385,7 @@ def test_safetensors_file_loads(tmp_path):
     safetensors_torch.save_file({k: v.contiguous() for k, v in source.state_dict().items()},
                                 str(tmp_path / "w.safetensors"))
     assert _same_outputs(_load(tmp_path / "w.safetensors")[0], source)
+    assert "not a readable safetensors file" in _error(truncate(tmp_path / "w.safetensors", 0.5))
 
 
 def test_weights_files_and_torchvision_weights_names(tmp_path):
@@ -436,3 +437,39 @@ def test_eval_labels_follow_the_models_class_order():
     batches = [(np.zeros((3, 1)), np.array([1, 0, 1]))]
     assert [y.tolist() for _, y in by_class_name(batches, ["cat", "dog"], ["dog", "cat"], Path("m"))] == [[0, 1, 0]]
     assert by_class_name(val, val.class_names, None, Path("m")) is val  # a model that records no names
+
+
+def _tiny_pipeline(tmp_path: Path, model: dict):
+    from conftest import TINY
+
+    from edgecv.pipeline import Pipeline
+    from edgecv.recipe import validate
+
+    raw = json.loads(json.dumps(TINY))
+    raw.update(model=model, stages=[], train={"epochs": 0},
+               bench={"backends": ["torch"], "batch_sizes": [1], "warmup": 0, "runs": 1, "rounds": 1})
+    raw["data"].update(train_size=64, val_size=64)
+    return Pipeline(validate(raw), tmp_path / "runs", "cpu")
+
+
+@pytest.mark.parametrize("name", ["edgecv:resnet8", "nets:no_batchnorm"])
+def test_every_model_source_takes_a_weights_file_and_a_retrained_file_reruns(name, tmp_path):
+    """edgecv's own nets and a package.module:factory take a weights file like torchvision's; the run's
+    baseline is the file's model, and a file retrained under the same name is evaluated again."""
+    import torch
+
+    from edgecv.checkpoint import load_model
+    from edgecv.models import build_model
+
+    extra = {"width": 8} if name.startswith("edgecv:") else {}
+    source = build_model(name, 4, 3, 16, **extra)
+    torch.save({"state_dict": {f"module.{k}": v for k, v in source.state_dict().items()}}, tmp_path / "w.pt")
+    model = {"name": name, "weights": str(tmp_path / "w.pt"), **extra}
+    first = _tiny_pipeline(tmp_path, model).run()
+    assert _same_outputs(load_model(first["outputs"]["train"])[0], source)
+    assert first["manifest"]["stages"][0]["metrics"]["weights"]["prefix_removed"] == "module."
+    with torch.no_grad():
+        next(source.parameters()).mul_(0.5)
+    torch.save(source.state_dict(), tmp_path / "w.pt")
+    second = _tiny_pipeline(tmp_path, model).run()
+    assert _same_outputs(load_model(second["outputs"]["train"])[0], source)

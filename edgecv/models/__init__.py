@@ -132,8 +132,12 @@ def _torchvision(builder: str, weights: str | None) -> nn.Module:
         if weights:
             ensure_cached(builder, weights)  # downloaded, or one line naming the file the cache lacks
         return torchvision.models.get_model(builder, weights=weights)
-    except (ValueError, KeyError) as exc:
+    except (ValueError, KeyError):
+        try:
+            names = ", ".join(w.name for w in torchvision.models.get_model_weights(builder))
+        except ValueError:
+            names = "it has none"
         raise EdgecvError(f"model.weights {weights!r} is neither a file nor one of torchvision {builder}'s "
-                          f"weights names ({exc})") from None
+                          f"weights names ({names})") from None
     except (OSError, RuntimeError) as exc:  # weights not cached and no network
         raise EdgecvError(f"model.weights {weights!r}: could not load ({exc})") from None
