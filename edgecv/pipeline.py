@@ -122,9 +122,10 @@ class Pipeline:
             atomic_write_text(self.run_dir / "recipe.resolved.yaml", dump_recipe(self.recipe))
         manifest = broadcast_object(self._read_manifest() if self.dist.is_main else None, self.dist)
         old = {e["dir"]: e for e in manifest.get("stages", [])}
-        digest = file_digest(weights) if is_weights_file(weights) else None  # a retrained file starts over
+        # the model section (weights, head) and a weights file's content: a retrained file starts over
+        model = {**self.recipe.model.model_dump(), "sha256": file_digest(weights) if is_weights_file(weights) else None}
         state = RunState(previous=self.recipe.fingerprint(spec.to_dict(), self.recipe.data.model_dump(),
-                                                          self.recipe.seed, *([digest] if digest else [])))
+                                                          self.recipe.seed, model))
         stages = self.stage_list("train" if only_train else None)
         for index, (name, cfg) in enumerate(stages):
             if name in stop_before:
