@@ -473,3 +473,17 @@ def test_every_model_source_takes_a_weights_file_and_a_retrained_file_reruns(nam
     torch.save(source.state_dict(), tmp_path / "w.pt")
     second = _tiny_pipeline(tmp_path, model).run()
     assert _same_outputs(load_model(second["outputs"]["train"])[0], source)
+
+
+@pytest.mark.parametrize("wrap", ["plain", "dataparallel", "dict copy"])
+def test_module_versions_are_kept_for_models_that_check_them(wrap, tmp_path):
+    """torchvision's MNASNet refuses a state dict without its module version (which torch.save of a
+    state_dict keeps beside the tensors); a DataParallel file keeps it under 'module', a dict copy has none."""
+    import torch
+    import torchvision
+
+    source = torchvision.models.mnasnet0_5(num_classes=4)
+    state = torch.nn.DataParallel(source).state_dict() if wrap == "dataparallel" else source.state_dict()
+    torch.save(dict(state.items()) if wrap == "dict copy" else state, tmp_path / "mnasnet.pth")
+    model, _ = _load(tmp_path / "mnasnet.pth", name="torchvision:mnasnet0_5")
+    assert _same_outputs(model, source)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import re
 import sys
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -76,10 +77,9 @@ def file_digest(path: str | Path) -> str:
 
 
 # ------------------------------------------------------------------------------------------ reading
-def read_weights_file(path: Path) -> Any:
-    """The file's content (tensors, dicts, lists, numbers, strings), or one line saying why it cannot be
-    read: missing, truncated or corrupt, a pickled whole model, safetensors not installed."""
-    where = f"model.weights {str(path)!r}"
+def read_weights_file(path: Path, where: str) -> Any:
+    """The file's content (tensors, dicts, lists, numbers, strings), or one line starting with `where` saying
+    why it cannot be read: missing, truncated or corrupt, a pickled whole model, safetensors not installed."""
     if not path.is_file():
         raise EdgecvError(f"{where}: no such file (a path to a state dict: {', '.join(WEIGHTS_SUFFIXES)})")
     if path.suffix.lower() == ".safetensors":
@@ -132,29 +132,30 @@ def _is_state_dict(obj: Any) -> bool:
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
 
 
-def find_state_dict(content: Any, where: str) -> tuple[dict[str, torch.Tensor], str | None]:
+def find_state_dict(content: Any, where: str) -> tuple[Mapping[str, torch.Tensor], str | None]:
     """(the state dict, the checkpoint key it was under or None) from what a trainer saved."""
     if _is_state_dict(content):
-        return dict(content), None
+        return content, None
     if isinstance(content, Mapping):
         for key in NESTED_KEYS:
             inner = content.get(key)
             if _is_state_dict(inner):
-                return dict(inner), key
+                return inner, key
             if isinstance(inner, Mapping):  # e.g. {"model": {"state_dict": ...}}
                 for sub in NESTED_KEYS:
                     if _is_state_dict(inner.get(sub)):
-                        return dict(inner[sub]), f"{key}.{sub}"
+                        return inner[sub], f"{key}.{sub}"
         keys = ", ".join(repr(k) for k in list(content)[:6])
         raise EdgecvError(f"{where}: no state dict in the file (a dict of tensors, or one under "
                           f"{', '.join(NESTED_KEYS)}); its keys: {keys}; {SAVE_STATE_DICT}")
     raise EdgecvError(f"{where}: holds a {type(content).__name__}, not a state dict; {SAVE_STATE_DICT}")
 
 
-def strip_wrapper_prefix(state: dict[str, torch.Tensor], model_keys: set[str]) -> tuple[dict, str | None]:
+def strip_wrapper_prefix(state: Mapping[str, torch.Tensor], model_keys: set[str]) -> tuple[dict, str | None]:
     """Take off the prefixes that wrappers add to every key (`module.`, `model.`, `_orig_mod.`, ...) while
     that makes more of the keys the model's own; returns (state, the prefix removed or None)."""
     removed = ""
+    state = dict(state)
     while state:
         first = {k.split(".", 1)[0] for k in state}
         if len(first) != 1 or not all("." in k for k in state):
@@ -165,6 +166,20 @@ def strip_wrapper_prefix(state: dict[str, torch.Tensor], model_keys: set[str]) -
             break
         state, removed = stripped, removed + prefix
     return state, removed or None
+
+
+def with_module_versions(state: dict, saved: Mapping, prefix: str | None, own: Mapping) -> OrderedDict:
+    """`state` with the per-module versions `torch.save(model.state_dict())` keeps beside the tensors (some
+    models check them when loading, e.g. torchvision's MNASNet): the file's, under the same prefix taken off,
+    else the model's own (a file without them was written by a dict copy, safetensors, ...)."""
+    out = OrderedDict(state)
+    versions = getattr(saved, "_metadata", None)
+    if versions is not None and prefix:
+        root = prefix.rstrip(".")
+        versions = {("" if k == root else k[len(prefix):]): v for k, v in versions.items()
+                    if k == root or k.startswith(prefix)}
+    out._metadata = OrderedDict(versions if versions is not None else getattr(own, "_metadata", {}))  # type: ignore[attr-defined]
+    return out
 
 
 # ------------------------------------------------------------------------------------------ fitting
@@ -223,15 +238,18 @@ def load_user_weights(model: nn.Module, weights: str, head: str = "keep", name: 
     count); with `head: new` the classifier is a fresh one instead of the file's."""
     path = Path(weights).expanduser()
     where = f"model.weights {weights!r}"
-    state, nested = find_state_dict(read_weights_file(path), where)
+    saved, nested = find_state_dict(read_weights_file(path, where), where)
     own = model.state_dict()
-    state, prefix = strip_wrapper_prefix(state, set(own))
+    state, prefix = strip_wrapper_prefix(saved, set(own))
     classifier = find_classifier(model)
     head_keys = {f"{classifier[0]}.{p}" for p, _ in classifier[1].named_parameters()} if classifier else set()
     check_keys(state, own, where, name, head_keys if head == "new" else set())
     file_classes = check_shapes(state, own, where, name, head_keys, head)
     state = {k: v for k, v in state.items() if k in own and not (head == "new" and k in head_keys)}
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(with_module_versions(state, saved, prefix, own), strict=False)
+    except (RuntimeError, ValueError, KeyError) as exc:  # a model's own load rules (versions, layouts)
+        raise EdgecvError(f"{where} does not load into {name} ({(str(exc).splitlines() or [''])[0][:160]})") from None
     left = [k for k in result.missing_keys if k not in head_keys and not k.endswith("num_batches_tracked")]
     if left:  # check_keys already refused this; a model with its own load rules may still differ
         raise EdgecvError(f"{where} does not fit {name}: {_names(left)} not loaded")
