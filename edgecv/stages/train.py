@@ -71,6 +71,9 @@ def train_stage(model: nn.Module | None, cfg: TrainConfig, ctx: StageContext) ->
     if loaded is not None:
         console.print(loaded.summary(), markup=False, highlight=False)
         ctx.metrics["weights"] = loaded.to_dict()
+        if loaded.head == "new" and cfg.epochs == 0:
+            console.print("[yellow]warning: model.head: new with train.epochs 0: the baseline's classifier is "
+                          "untrained (set train.epochs to train it)[/]")
     elif cfg.epochs == 0 and not m.weights:
         console.print("[yellow]warning: train.epochs is 0 and model.weights is not set: the baseline is an "
                       "untrained model (set model.weights=PATH to compress your own)[/]")
