@@ -156,6 +156,7 @@ def export(model: Annotated[Path, typer.Argument(help="edgecv checkpoint (.pt) f
     import torch
 
     from edgecv.checkpoint import model_from_checkpoint
+    from edgecv.export.class_names import stamp_class_names
     from edgecv.export.frames import INPUT_KINDS, UINT8_NHWC
     from edgecv.export.onnx import check_parity, export_onnx, model_size_bytes
     from edgecv.model_files import check_paths, read_checkpoint_once
@@ -179,6 +180,7 @@ def export(model: Annotated[Path, typer.Argument(help="edgecv checkpoint (.pt) f
         export_onnx(net, dest, header.spec.example_input(), opset=opset)
         samples = torch.randn(64, *header.spec.input_shape, generator=torch.Generator().manual_seed(0))
         parity = check_parity(net, dest, samples, int8=quantized)
+    stamp_class_names(dest, header.spec.class_names)
     console.print(f"wrote {dest} ({model_size_bytes(dest):,} bytes); parity vs torch: "
                   + (f"top-1 agreement {100 * parity['top1_agreement']:.1f}%" if quantized
                      else f"max |diff| {parity['max_abs_diff']:.2e}")

@@ -5,16 +5,20 @@ file (and for a dataset that only torch can read); TensorRT only for an engine."
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from edgecv.bench.measure import Subject
 from edgecv.bench.runners import ENGINE_SUFFIXES, create_runner, input_kind
 from edgecv.errors import EdgecvError
+from edgecv.export.class_names import class_names_in
 from edgecv.export.frames import UINT8_NHWC, Normalization, normalization_in
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth")
@@ -208,14 +212,68 @@ def validation_batches(path: Path, recipe: str | None, data_root: str | None,
                        limit: int | None) -> Iterable[tuple[Any, Any]]:
     """The validation split for a model file, as (images, labels) batches: read with numpy where that gives
     the torch path's values exactly (ImageFolder; Fashion-MNIST at its native 28 px) or where torch is
-    missing, else with the training code's torch loaders (synthetic data, resized Fashion-MNIST)."""
+    missing, else with the training code's torch loaders (synthetic data, resized Fashion-MNIST). Labels
+    are the model's class indices, matched by class name where the model records its classes."""
     from edgecv.data.numpy_val import numpy_val, reads_like_torch
 
     cfg = data_config(path, recipe)
     if limit:
         cfg = cfg.model_copy(update={"limit_val": limit})
     if reads_like_torch(cfg) or importlib.util.find_spec("torch") is None:
-        return numpy_val(cfg, data_root)
+        val = numpy_val(cfg, data_root)
+        return by_class_name(val, val.class_names, stored_class_names(path), path)
     from edgecv.data.datasets import build_data
 
-    return build_data(cfg, data_root).val
+    bundle = build_data(cfg, data_root)
+    return by_class_name(bundle.val, bundle.class_names, stored_class_names(path), path)
+
+
+def stored_class_names(path: Path) -> list[str] | None:
+    """The model's classes in output order: in a checkpoint's spec, in an ONNX file's metadata, or in the
+    metadata.json beside an export (an engine's). None when nothing records them."""
+    suffix = path.suffix.lower()
+    if suffix in CHECKPOINT_SUFFIXES:
+        names = (read_checkpoint_once(path).get("model") or {}).get("class_names")
+        return list(names) if names else None
+    if suffix == ".onnx":
+        import onnx
+
+        props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+        found = class_names_in(props, path)
+        if found:
+            return found
+    meta = _export_metadata(path)
+    return meta.get("classes") or (meta.get("model") or {}).get("class_names") or None
+
+
+def by_class_name(batches: Iterable, data_names: Sequence[str], model_names: Sequence[str] | None,
+                  path: Path) -> Iterable:
+    """`batches` with each label turned into the index of the same class name among the model's classes (a
+    folder of some of the model's classes, or in another order, is scored right); unchanged when either
+    side records no names or both are the same list. A class the model does not know: one line."""
+    if not model_names or not data_names or list(data_names) == list(model_names):
+        return batches
+    unknown = [n for n in data_names if n not in model_names]
+    if unknown:
+        shown = ", ".join(list(model_names)[:8]) + (" ..." if len(model_names) > 8 else "")
+        raise EdgecvError(f"validation class {unknown[0]!r} is not one of the {len(model_names)} classes of "
+                          f"{str(path)!r} ({shown}): evaluate on class folders named after its classes")
+    index = np.asarray([list(model_names).index(n) for n in data_names], dtype=np.int64)
+    if dataclasses.is_dataclass(batches) and hasattr(batches, "labels"):  # NumpyVal: all labels in memory
+        return dataclasses.replace(batches, labels=index[batches.labels])
+    return Relabeled(batches, index)
+
+
+@dataclasses.dataclass
+class Relabeled:
+    """(images, index[labels]) batches of a loader: its labels mapped to the model's class indices."""
+
+    batches: Iterable
+    index: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.batches)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[tuple[Any, np.ndarray]]:
+        for images, labels in self.batches:
+            yield images, self.index[np.asarray(labels)]

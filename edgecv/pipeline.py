@@ -32,6 +32,7 @@ from edgecv.device import resolve_device
 from edgecv.errors import EdgecvError
 from edgecv.io import atomic_write_text, describe_holder, lock_run_dir, unlock_run_dir, write_json
 from edgecv.models.spec import ModelSpec
+from edgecv.models.user_weights import file_digest, is_weights_file
 from edgecv.recipe import Recipe, dump_recipe
 from edgecv.stages import STAGES, StageContext
 from edgecv.stages.base import load_model_from_main
@@ -41,11 +42,13 @@ MANIFEST = "manifest.json"
 
 
 def model_spec(recipe: Recipe, data: DataBundle) -> ModelSpec:
-    """The recipe's model, sized for its data."""
+    """The recipe's model, sized for its data; a model from a weights file keeps its builder's own stem."""
     m = recipe.model
+    stem = False if m.small_input_stem is None and is_weights_file(m.weights) else m.small_input_stem
     return ModelSpec(name=m.name, num_classes=data.num_classes, in_channels=data.channels,
                      image_size=data.image_size, width=m.width, stem_stride=m.stem_stride,
-                     small_input_stem=m.small_input_stem, mean=tuple(data.mean) or None, std=tuple(data.std) or None)
+                     small_input_stem=stem, mean=tuple(data.mean) or None, std=tuple(data.std) or None,
+                     class_names=tuple(data.class_names) or None)
 
 
 @dataclass
@@ -66,7 +69,8 @@ class Pipeline:
                  time_precisions: Callable | None = None) -> None:
         # a model that starts from torchvision weights is fed as those weights were trained (resize,
         # interpolation, mean/std), unless the recipe says otherwise; the resolved recipe records it
-        data = with_weights_preprocessing(recipe.data, recipe.model.name, recipe.model.weights)
+        named = None if is_weights_file(recipe.model.weights) else recipe.model.weights  # a file has no preset
+        data = with_weights_preprocessing(recipe.data, recipe.model.name, named)
         self.recipe = recipe if data is recipe.data else recipe.model_copy(update={"data": data})
         self.device = resolve_device(device)
         # Denormal floats (tiny weights and activations late in training) slow CPU kernels up to 10x.
@@ -162,14 +166,18 @@ class Pipeline:
         data = build_data(self.recipe.data, self.data_root, seed=self.recipe.seed, rank=self.dist.rank,
                           world_size=self.dist.world_size, device=self.device)
         spec = model_spec(self.recipe, data)
-        preflight_model(spec, [] if only_train else list(self.recipe.stages))  # before anything is written
+        weights = self.recipe.model.weights
+        # before anything is written: the weights file is read and checked against the model here
+        preflight_model(spec, [] if only_train else list(self.recipe.stages), weights, self.recipe.model.head)
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.run_dir / "recipe.resolved.yaml", dump_recipe(self.recipe))
         manifest = broadcast_object(self._read_manifest() if self.dist.is_main else None, self.dist)
         old = {e["dir"]: e for e in manifest.get("stages", [])}
+        # the model section (weights, head) and a weights file's content: a retrained file starts over
+        model = {**self.recipe.model.model_dump(), "sha256": file_digest(weights) if is_weights_file(weights) else None}
         state = RunState(previous=self.recipe.fingerprint(spec.to_dict(), self.recipe.data.model_dump(),
-                                                          self.recipe.seed))
+                                                          self.recipe.seed, model))
         stages = self.stage_list("train" if only_train else None)
         for index, (name, cfg) in enumerate(stages):
             if name in stop_before:
@@ -272,15 +280,17 @@ def check_class_outputs(model: nn.Module, spec: ModelSpec, what: str, training_t
                               "class scores: its classifier was not adapted to the dataset's classes")
 
 
-def preflight_model(spec: ModelSpec, stages: list) -> None:
+def preflight_model(spec: ModelSpec, stages: list, weights: str | None = None, head: str = "keep") -> None:
     """Walk a fresh model through what the recipe's stages will do to it (its head, the pruning graph, the
     fake-quant trace, ONNX export at the recipe's resolution and one ONNX Runtime run of the INT8 file), so
-    that a model that cannot go through a stage is refused in one line before any training."""
+    that a model that cannot go through a stage is refused in one line before any training. A weights file
+    is loaded into it (named weights are not: they may need a download)."""
     import tempfile
 
     from edgecv.models import build_model
 
-    model = build_model(spec.name, weights=None, **spec.build_kwargs())
+    file = weights if is_weights_file(weights) else None
+    model = build_model(spec.name, weights=file, head=head if file else "keep", **spec.build_kwargs())
     check_class_outputs(model, spec, "the model", training_too=True)
     example = spec.example_input()
     names = [s.stage for s in stages]

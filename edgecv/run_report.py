@@ -21,6 +21,7 @@ from edgecv.data.loaders import LimitedLoader
 from edgecv.device import clock_warning, host_facts, is_cuda
 from edgecv.models.complexity import count_macs_params
 from edgecv.models.spec import ModelSpec
+from edgecv.models.user_weights import WeightsLoad
 from edgecv.recipe import Recipe
 from edgecv.report.cells import format_value
 from edgecv.report.render import ReportSections, bench_table, summary_rows, write_report
@@ -156,6 +157,9 @@ def _sections(manifest: dict, files: dict, recipe: Recipe) -> ReportSections:
     for e in manifest["stages"]:
         m = e.get("metrics", {})
         s.notes += _precision_notes(e["dir"], m.get("precision"))
+        if e["name"] == "train" and m.get("weights"):
+            given = " (evaluated as given, train.epochs: 0)" if m.get("epochs") == 0 else ""
+            s.notes.append(f"{e['dir']}: {WeightsLoad(**m['weights']).summary()}{given}")
         if e["name"] == "surgery" and m.get("surgery"):
             s.notes.append(
                 f"{e['dir']} changed the model ({m['surgery']['activation']} activations, squeeze-excitation "

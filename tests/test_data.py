@@ -125,7 +125,7 @@ def test_unknown_weights_are_one_line(tmp_path):
 
     recipe = validate({"name": "w", "model": {"name": "torchvision:resnet18", "weights": "IMAGENET1K_V9"},
                        "data": {"dataset": "imagefolder", "root": str(tmp_path)}})
-    with pytest.raises(EdgecvError, match=r"'IMAGENET1K_V9' is not one of torchvision resnet18's weights \(IMAGENET1K_V1\)"):
+    with pytest.raises(EdgecvError, match=r"'IMAGENET1K_V9' is neither a file nor one of torchvision resnet18's weights \(IMAGENET1K_V1\)"):
         Pipeline(recipe, tmp_path / "runs", "cpu")
 
 

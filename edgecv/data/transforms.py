@@ -94,7 +94,7 @@ def weights_preprocessing(builder: str, weights: str, image_size: int) -> dict[s
             choices = ", ".join(w.name for w in get_model_weights(builder))
         except ValueError:
             choices = "none"
-        raise EdgecvError(f"model.weights {weights!r} is not one of torchvision {builder}'s weights "
+        raise EdgecvError(f"model.weights {weights!r} is neither a file nor one of torchvision {builder}'s weights "
                           f"({choices})") from None
     crop, resize = preset.crop_size[0], preset.resize_size[0]
     return {

@@ -82,6 +82,14 @@ def adapt_head(model: nn.Module, num_classes: int) -> None:
         model.num_classes = num_classes  # SqueezeNet keeps its class count here too
 
 
+def replace_classifier(model: nn.Module) -> None:
+    """A fresh, untrained classifier of the same shape in place of the current one (`model.head: new`)."""
+    head = find_classifier(model)
+    if head is not None:
+        parent, attr = _parent(model, head[0])
+        setattr(parent, attr, _new_head(head[1], _out_count(head[1])))
+
+
 def _pair(size) -> tuple[int | None, int | None]:
     return (size, size) if isinstance(size, int) or size is None else tuple(size)
 

@@ -8,9 +8,9 @@ training data used.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from edgecv.config import Strict
 from edgecv.errors import EdgecvError
@@ -21,10 +21,22 @@ if TYPE_CHECKING:
 
 class ModelConfig(Strict):
     name: str = Field(..., description="torchvision:<builder> | edgecv:<name> | package.module:factory")
-    weights: str | None = Field(None, description="torchvision weights enum name, e.g. IMAGENET1K_V1")
+    weights: str | None = Field(
+        None, description="a file of your own trained weights (a state dict: .pt, .pth, .bin, .ckpt, "
+        ".safetensors), or a torchvision weights enum name, e.g. IMAGENET1K_V1")
+    head: Literal["keep", "new"] = Field(
+        "keep", description="new: replace the classifier of model.weights with an untrained one (another class "
+        "count, or classes of your own); keep: the weights' classifier, whose class count must match the data's")
     width: int | None = Field(None, ge=1, description="edgecv nets: width of the first stage")
     stem_stride: int | None = Field(None, ge=1, le=4, description="edgecv nets: stride of the first conv")
-    small_input_stem: bool | None = Field(None, description="3x3 stride-1 stem; default: image_size < 64")
+    small_input_stem: bool | None = Field(None, description="3x3 stride-1 stem; default: image_size < 64 "
+                                          "(never with a weights file: the builder's own stem)")
+
+    @model_validator(mode="after")
+    def _head_needs_weights(self) -> ModelConfig:
+        if self.head == "new" and not self.weights:
+            raise ValueError("model.head: new replaces the classifier of model.weights; set model.weights too")
+        return self
 
 
 @dataclass(frozen=True)
@@ -41,6 +53,7 @@ class ModelSpec:
     small_input_stem: bool | None = None
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
+    class_names: tuple[str, ...] | None = None  # the classes of the outputs, in order
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -59,7 +72,7 @@ class ModelSpec:
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
-        for key in ("mean", "std"):
+        for key in ("mean", "std", "class_names"):
             out[key] = list(out[key]) if out[key] is not None else None
         return out
 
@@ -74,4 +87,6 @@ class ModelSpec:
         for key in ("mean", "std"):
             if kwargs.get(key) is not None:
                 kwargs[key] = tuple(float(v) for v in kwargs[key])
+        if kwargs.get("class_names") is not None:
+            kwargs["class_names"] = tuple(str(v) for v in kwargs["class_names"])
         return cls(**kwargs)

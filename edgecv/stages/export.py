@@ -77,9 +77,11 @@ class ExportConfig(StageConfig):
 
 def _export_checked(model: nn.Module, path: Path, cfg: ExportConfig, ctx: StageContext, samples, int8: bool) -> dict:
     """Export `model` to `path`, compare it with torch on `samples`, and refuse a file that disagrees."""
+    from edgecv.export.class_names import stamp_class_names
     from edgecv.export.onnx import check_parity, export_onnx, model_size_bytes
 
     export_onnx(model, path, ctx.spec.example_input(), opset=cfg.opset, dynamic_batch=cfg.dynamic_batch)
+    stamp_class_names(path, ctx.data.class_names)
     parity = check_parity(model, path, samples, int8=int8)
     _require_parity(path, parity, int8=int8)
     return {"format": "onnx-int8" if int8 else "onnx", "input": FLOAT_NCHW, "size_bytes": model_size_bytes(path),

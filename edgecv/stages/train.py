@@ -10,6 +10,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from edgecv.compress.distill import DistillationLoss, DistillConfig, torchvision_teacher
+from edgecv.console import console
 from edgecv.stages.base import StageConfig, StageContext, stage
 from edgecv.train.config import TrainConfig, TrainOverrides
 from edgecv.train.loop import LossFn, fit
@@ -62,10 +63,20 @@ def run_fit(model: nn.Module, cfg: TrainConfig, ctx: StageContext, label: str, l
 
 @stage(TrainStageConfig, "train the baseline from the recipe's model and train sections", listed=False)
 def train_stage(model: nn.Module | None, cfg: TrainConfig, ctx: StageContext) -> nn.Module:
-    from edgecv.models import build_model
+    from edgecv.models import build_with_weights
 
     torch.manual_seed(ctx.recipe.seed)
-    model = build_model(ctx.spec.name, weights=ctx.recipe.model.weights, **ctx.spec.build_kwargs())
+    m = ctx.recipe.model
+    model, loaded = build_with_weights(ctx.spec.name, m.weights, m.head, **ctx.spec.build_kwargs())
+    if loaded is not None:
+        console.print(loaded.summary(), markup=False, highlight=False)
+        ctx.metrics["weights"] = loaded.to_dict()
+        if loaded.head == "new" and cfg.epochs == 0:
+            console.print("[yellow]warning: model.head: new with train.epochs 0: the baseline's classifier is "
+                          "untrained (set train.epochs to train it)[/]")
+    elif cfg.epochs == 0 and not m.weights:
+        console.print("[yellow]warning: train.epochs is 0 and model.weights is not set: the baseline is an "
+                      "untrained model (set model.weights=PATH to compress your own)[/]")
     train_metrics(ctx, run_fit(model, cfg, ctx, "train"))
     return model.cpu()
 
