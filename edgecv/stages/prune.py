@@ -31,6 +31,7 @@ SEARCH_WARMUP, SEARCH_RUNS, SEARCH_ROUNDS = 10, 30, 3  # blocks per candidate in
 
 class PruneStageConfig(PruneConfig, StageConfig):
     stage: ClassVar[str] = "prune"
+    renamed: ClassVar[dict[str, str]] = {"iterative_steps": "steps"}
     steps: int = Field(1, ge=1, description="prune in this many steps, fine-tuning between them (the goal is "
                        "reached in equal steps: ratio and target_macs geometrically, a latency on the last step)")
     finetune_between: TrainOverrides | None = Field(

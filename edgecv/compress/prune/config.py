@@ -4,7 +4,7 @@ pruning works within."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch_pruning as tp
 from pydantic import Field, model_validator
@@ -30,6 +30,8 @@ class PruneConfig(Strict):
     """How to prune: by a channel ratio, to a fraction of the MACs, or to a latency measured on a backend,
     with an importance criterion and an allocation of the pruning among layers."""
 
+    renamed: ClassVar[dict[str, str]] = {"global_pruning": "allocation: global", "precision": "measure_precision",
+                                         "batch": "batch_size"}
     ratio: float | None = Field(None, gt=0.0, lt=1.0, description="fraction of channels removed (one goal of three)")
     target_macs: float | None = Field(None, gt=0.0, lt=1.0, description="fraction of MACs kept (one goal of three)")
     target_latency_ms: float | None = Field(
