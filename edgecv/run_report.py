@@ -75,7 +75,7 @@ def _torch_subjects(stages: list[StageModel], recipe: Recipe, device: str) -> li
     for i, s in enumerate(stages):
         ok, note = _deployable(i, stages)
         m = s.metrics
-        reuse = recipe.bench.eval_limit is None and "accuracy_backend" not in m and {"top1", "top5"} <= set(m)
+        reuse = "accuracy_backend" not in m and {"top1", "top5"} <= set(m)
         out.append(Subject(
             model=str(s.path), runner=None, load=_torch_loader(s.path, device, recipe.bench.threads),
             format="torch", stage=s.name, params=s.params, macs=s.macs, size_bytes=s.path.stat().st_size,
@@ -200,7 +200,7 @@ def report_run(recipe: Recipe, run_dir: Path, manifest: dict, data: DataBundle, 
         settings = BenchSettings(tuple(bench.batch_sizes), bench.warmup, bench.runs, bench.rounds)
         console.rule("[bold]bench")
         with make_progress() as progress:
-            rows = measure(subjects, settings, spec.input_shape, _val_batches(data, bench.eval_limit),
+            rows = measure(subjects, settings, spec.input_shape, _val_batches(data, None),
                            _rich(progress))
     sections = _sections(manifest, files, recipe)
     paths = write_report(run_dir, rows, sections, title=f"edgecv report: {recipe.name}")

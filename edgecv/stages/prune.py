@@ -13,6 +13,7 @@ from pydantic import Field
 from torch import nn
 
 from edgecv.compress.prune import (
+    TAYLOR_BATCHES,
     GroupPruner,
     MeasureMs,
     PruneConfig,
@@ -80,7 +81,7 @@ def _taylor_batches(cfg: PruneStageConfig, ctx: StageContext) -> list:
     if cfg.importance == "taylor":
         for x, y in ctx.data.calib:
             batches.append((x, y))
-            if len(batches) >= cfg.taylor_batches:
+            if len(batches) >= TAYLOR_BATCHES:
                 break
     return batches
 

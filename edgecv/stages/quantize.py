@@ -109,11 +109,9 @@ class PTQConfig(QuantConfig, StageConfig):
 
 class QATConfig(QuantConfig, TrainOverrides, StageConfig):
     stage: ClassVar[str] = "qat"
+    removed: ClassVar[dict[str, str]] = {"freeze_bn_epoch": "BatchNorm is folded from the start (leave the key out)"}
     epochs: int = Field(1, ge=0)
     learnable_ranges: bool = True
-    freeze_bn_epoch: int = Field(
-        0, ge=0, description="fold BatchNorm / freeze its statistics from this epoch (0: from the start)"
-    )
     distill: DistillConfig | None = None
 
 
@@ -228,26 +226,25 @@ def _ship(float_model: nn.Module, qmodel: nn.Module, cfg: QuantConfig, ctx: Stag
     return qmodel
 
 
-def _qat_model(model: nn.Module, cfg: QATConfig, ctx: StageContext) -> tuple[nn.Module, int | None]:
-    """The model QAT starts from: the PTQ stage's calibrated model, or a freshly calibrated one; and the
-    epoch from which BatchNorm statistics are frozen (None: folded from the start)."""
+def _qat_model(model: nn.Module, cfg: QATConfig, ctx: StageContext) -> nn.Module:
+    """The model QAT starts from, BatchNorm folded: the PTQ stage's calibrated model, or a freshly calibrated
+    one."""
     if Q.is_quantized(model):
         ptq_target = Q.quant_spec(model).target
         if ptq_target != cfg.backend:
             raise EdgecvError(f"qat.backend {cfg.backend!r} differs from the ptq stage's backend {ptq_target!r}")
-        return model, None  # continue from the PTQ stage's calibrated ranges (BatchNorm already folded)
-    freeze_epoch = cfg.freeze_bn_epoch
-    qmodel, stats = _prepare(model, cfg, ctx, freeze_bn=freeze_epoch == 0)
+        return model  # continue from the PTQ stage's calibrated ranges (BatchNorm already folded)
+    qmodel, stats = _prepare(model, cfg, ctx, freeze_bn=True)
     if stats is not None:
         Q.apply_calibrator(qmodel, stats, cfg.calibrator, **cfg.calibrator_options(cfg.calibrator))
     share_ranges(qmodel, ctx)
-    return qmodel, freeze_epoch or None
+    return qmodel
 
 
 @stage(QATConfig, "INT8 quantization-aware training from calibrated ranges")
 def qat_stage(model: nn.Module, cfg: QATConfig, ctx: StageContext) -> nn.Module:
     torch.manual_seed(ctx.recipe.seed + ctx.index)
-    qmodel, freeze_epoch = _qat_model(model, cfg, ctx)
+    qmodel = _qat_model(model, cfg, ctx)
     float_model = model if not Q.is_quantized(model) else ctx.load("parent")
     if cfg.ship_precision == "auto":  # speed does not change with training: a float win needs no QAT
         shipped = _ship(float_model, qmodel, cfg, ctx, int8_top1=None, before_training=True)
@@ -256,16 +253,9 @@ def qat_stage(model: nn.Module, cfg: QATConfig, ctx: StageContext) -> nn.Module:
             return float_model
     Q.set_learnable_ranges(qmodel, cfg.learnable_ranges)
 
-    def freeze_bn_at(epoch: int, m: nn.Module) -> None:
-        if freeze_epoch and epoch == freeze_epoch:
-            Q.freeze_bn_stats(m)
-            console.print(f"qat: BatchNorm statistics frozen from epoch {epoch + 1}")
-
     train_cfg = cfg.merged(ctx.recipe.train)
-    result = run_fit(qmodel, train_cfg, ctx, "qat", distillation(cfg, ctx, train_cfg), epoch_hook=freeze_bn_at)
+    result = run_fit(qmodel, train_cfg, ctx, "qat", distillation(cfg, ctx, train_cfg))
     qmodel = qmodel.cpu().eval()
-    if freeze_epoch is not None and freeze_epoch >= cfg.epochs:
-        Q.freeze_bn_stats(qmodel)
     if _dist(ctx).is_main:  # the others' metrics are not written anywhere
         acc = onnx_accuracy(qmodel, ctx)
         ctx.metrics.update(top1=round(acc["top1"], 3), top5=round(acc["top5"], 3), accuracy_backend="onnxruntime")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, create_model, model_validator
 
@@ -16,6 +16,9 @@ class TrainConfig(Strict):
     images (per-process batch x processes x grad_accum) when `lr_scale` is linear or sqrt; with
     `lr_scale: none` it is used as written, whatever the batch."""
 
+    removed: ClassVar[dict[str, str]] = {
+        "cudnn_benchmark": "cuDNN always picks its fastest kernels on CUDA (leave the key out)",
+    }
     epochs: int = Field(8, ge=0)
     optimizer: Literal["sgd", "adamw", "rmsprop"] = "sgd"
     lr: float = Field(0.1, gt=0.0)
@@ -36,7 +39,6 @@ class TrainConfig(Strict):
         "bfloat16", description="float16 adds a gradient scaler; bfloat16 needs Ampere or newer")
     channels_last: bool = Field(False, description="NHWC memory layout (faster convolutions on tensor cores)")
     compile: bool = Field(False, description="torch.compile the training model (minutes of compiling first)")
-    cudnn_benchmark: bool = Field(True, description="CUDA: let cuDNN pick the fastest kernels for fixed shapes")
     ema_decay: float = Field(0.0, ge=0.0, lt=1.0, description="keep an exponential moving average of the "
                              "weights with this decay per update, evaluate and keep it (0: off)")
     ema_steps: int = Field(1, ge=1, description="optimizer steps between EMA updates")

@@ -23,6 +23,7 @@ TAYLOR_BATCHES = 4  # default number of batches the taylor importance scores cha
 MACS_TOLERANCE = 0.05  # target_macs: the pruned model's MACs must be within this fraction of the ask
 ROOT_TYPES = [tp.ops.TORCH_CONV, tp.ops.TORCH_LINEAR, tp.ops.TORCH_LSTM]  # torch-pruning's group roots
 MAX_RATIO = 0.9  # the most channels a search removes from a layer
+SEARCH_STEPS = 8  # target_latency_ms: the most candidates a search measures
 LATENCY_TOLERANCE = 0.10  # target_latency_ms: the chosen candidate is within this fraction of the target
 
 
@@ -32,6 +33,10 @@ class PruneConfig(Strict):
 
     renamed: ClassVar[dict[str, str]] = {"global_pruning": "allocation: global", "precision": "measure_precision",
                                          "batch": "batch_size"}
+    removed: ClassVar[dict[str, str]] = {
+        "search_steps": f"a latency search measures at most {SEARCH_STEPS} candidates (leave the key out)",
+        "taylor_batches": f"importance taylor scores channels on {TAYLOR_BATCHES} training batches (leave the key out)",
+    }
     ratio: float | None = Field(None, gt=0.0, lt=1.0, description="fraction of channels removed (one goal of three)")
     target_macs: float | None = Field(None, gt=0.0, lt=1.0, description="fraction of MACs kept (one goal of three)")
     target_latency_ms: float | None = Field(
@@ -47,11 +52,9 @@ class PruneConfig(Strict):
     latency_widths: list[float] = Field(
         default_factory=lambda: [0.75, 0.5], description="allocation latency: widths each layer is measured at"
     )
-    search_steps: int = Field(8, ge=2, description="target_latency_ms: most bisection candidates measured")
     importance: registry_choice(lambda: IMPORTANCES) = "l2"  # type: ignore[valid-type]
     ignore: list[str] = Field(default_factory=list, description="module names never pruned")
     round_to: int = Field(1, ge=1, description="keep channel counts multiples of this (1: any count)")
-    taylor_batches: int = Field(TAYLOR_BATCHES, ge=1, description="importance taylor: batches that score channels")
     graph_timeout: float = Field(
         120.0, gt=0.0, description="seconds torch-pruning may spend analysing the model's layer dependencies"
     )
@@ -61,6 +64,4 @@ class PruneConfig(Strict):
         goals = [g for g in (self.ratio, self.target_macs, self.target_latency_ms) if g is not None]
         if len(goals) != 1:
             raise ValueError("prune needs exactly one of 'ratio', 'target_macs' or 'target_latency_ms'")
-        if self.taylor_batches != TAYLOR_BATCHES and self.importance != "taylor":
-            raise ValueError(f"taylor_batches: only importance 'taylor' takes it, not {self.importance!r}")
         return self

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from edgecv.compress.prune.config import LATENCY_TOLERANCE, MAX_RATIO, PruneConfig
+from edgecv.compress.prune.config import LATENCY_TOLERANCE, MAX_RATIO, SEARCH_STEPS, PruneConfig
 from edgecv.compress.prune.plan import GroupPruner, PrunableGroup
 from edgecv.compress.prune.pruning import prune_model
 from edgecv.errors import EdgecvError
@@ -135,7 +135,7 @@ def prune_to_latency(
         search.chosen, search.reason = 0, f"the unpruned model already runs in {full_ms:.3f} ms"
     elif close(hi[1]):
         search.chosen = next(i for i, c in enumerate(search.candidates) if c["ratio"] == round(hi[0], 4))
-    for _ in range(cfg.search_steps - 2 if search.chosen is None else 0):
+    for _ in range(SEARCH_STEPS - 2 if search.chosen is None else 0):
         ratio = lo[0] + (hi[0] - lo[0]) * (lo[1] - target) / max(lo[1] - hi[1], 1e-9)  # interpolate the time
         ratio = min(max(ratio, lo[0] + 0.1 * (hi[0] - lo[0])), hi[0] - 0.1 * (hi[0] - lo[0]))
         (ms,) = record([ratio])

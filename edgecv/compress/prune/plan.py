@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 
-from edgecv.compress.prune.config import IMPORTANCES, MAX_RATIO, ROOT_TYPES, PruneConfig
+from edgecv.compress.prune.config import IMPORTANCES, MAX_RATIO, ROOT_TYPES, TAYLOR_BATCHES, PruneConfig
 from edgecv.compress.prune.guard import guarded
 from edgecv.errors import EdgecvError
 from edgecv.models.adapt import executed_classifier
@@ -42,13 +42,13 @@ def ignored_layers(model: nn.Module, names: Sequence[str], example_input: torch.
 
 
 def taylor_gradients(model: nn.Module, cfg: PruneConfig, batches: list) -> None:
-    """importance taylor: the gradients of `cfg.taylor_batches` training batches, which it scores channels by."""
+    """importance taylor: the gradients of TAYLOR_BATCHES training batches, which it scores channels by."""
     if cfg.importance != "taylor":
         return
     if not batches:
         raise EdgecvError("prune.importance 'taylor' needs training batches to score channels")
     model.zero_grad()
-    for x, y in batches[: cfg.taylor_batches]:
+    for x, y in batches[:TAYLOR_BATCHES]:
         F.cross_entropy(model(x), y).backward()
 
 
