@@ -74,14 +74,14 @@ def test_a_tensor_without_a_source_range_is_one_line(monkeypatch):
 
 
 def test_int8_file_names_say_their_target():
-    from edgecv.stages.export import ExportConfig, engine_source, int8_file_name, int8_targets
+    from edgecv.stages.export import ExportConfig, engine_source, int8_file_name, other_backends
 
     qmodel, _ = calibrated("edgecv:resnet8")
     assert int8_file_name("onnxruntime", "onnxruntime") == "model.int8.onnx"
     assert int8_file_name("tensorrt", "onnxruntime") == "model.int8.tensorrt.onnx"
-    assert int8_targets(qmodel, ExportConfig(build_engine=True)) == ["tensorrt"]
-    assert int8_targets(qmodel, ExportConfig(backends=["onnxruntime", "tensorrt"])) == ["tensorrt"]
-    assert int8_targets(qmodel, ExportConfig()) == []
+    assert other_backends(qmodel, ExportConfig(build_engine=True)) == ["tensorrt"]
+    assert other_backends(qmodel, ExportConfig(backends=["onnxruntime", "tensorrt"])) == ["tensorrt"]
+    assert other_backends(qmodel, ExportConfig()) == []
     files = {"model.onnx": {"format": "onnx"}, "model.int8.onnx": {"target": "onnxruntime"},
              "model.int8.tensorrt.onnx": {"target": "tensorrt"}}
     assert engine_source(files) == "model.int8.tensorrt.onnx"  # never the onnxruntime-target graph

@@ -116,7 +116,7 @@ def _int8_file(model: nn.Module, out: Path, cfg: ExportConfig, ctx: StageContext
     return {**info, "target": target, "inspect": report}
 
 
-def int8_targets(model: nn.Module, cfg: ExportConfig) -> list[str]:
+def other_backends(model: nn.Module, cfg: ExportConfig) -> list[str]:
     """The backends other than the model's own that get an INT8 file: `backends`, and tensorrt when an
     engine is asked for."""
     own = quant_spec(model).target
@@ -169,7 +169,7 @@ def export_stage(model: nn.Module, cfg: ExportConfig, ctx: StageContext) -> nn.M
         files["model.onnx"] = _export_checked(float_model, out / "model.onnx", cfg, ctx, samples, int8=False)
     if quantized:
         files["model.int8.onnx"] = _int8_file(model, out, cfg, ctx, samples)
-        for target in int8_targets(model, cfg):
+        for target in other_backends(model, cfg):
             name = int8_file_name(target, quant_spec(model).target)
             files[name] = _retargeted_file(model, target, out, cfg, ctx, samples)
     if cfg.input == UINT8_NHWC:

@@ -81,6 +81,9 @@ class TrainOverrides(
 ):
     """Training settings of a later stage; a key left out is taken from the recipe's `train` section."""
 
+    renamed: ClassVar[dict[str, str]] = TrainConfig.renamed
+    removed: ClassVar[dict[str, str]] = TrainConfig.removed
+
     def merged(self, base: TrainConfig) -> TrainConfig:
         fields = {k: v for k, v in self.model_dump().items() if k in TrainConfig.model_fields and v is not None}
         if fields.get("schedule", "step") != "step" and "step_epochs" not in fields:
