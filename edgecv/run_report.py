@@ -106,7 +106,7 @@ def _baseline_int8(stages: list[StageModel], manifest: dict, spec: ModelSpec, tm
     from edgecv.export.onnx import export_onnx, model_size_bytes
 
     base = next((s for s in stages if s.name == "train"), None)
-    targets = [getattr(c, "target", None) for c in recipe.stages if c.stage in ("ptq", "qat")]
+    targets = [getattr(c, "backend", None) for c in recipe.stages if c.stage in ("ptq", "qat")]
     if base is None or not any(s.name == "surgery" for s in stages) or "onnxruntime" not in targets:
         return []
     method = next((e["metrics"]["calibrator"] for e in manifest["stages"] if "calibrator" in e.get("metrics", {})),

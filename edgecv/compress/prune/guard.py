@@ -18,6 +18,7 @@ from edgecv.errors import EdgecvError
 class AnalysisTimeout(Exception):
     """torch-pruning's graph analysis ran past its time limit."""
 
+
 @contextlib.contextmanager
 def time_limit(seconds: float) -> Iterator[None]:
     """Raise AnalysisTimeout in the main thread after `seconds` (torch-pruning's graph analysis is Python,
