@@ -67,7 +67,7 @@ def bench_model(name: str, args: argparse.Namespace) -> dict:
         variants[f"ratio {ratio}"] = prune_model(model, PruneConfig(ratio=ratio, importance="l1"), example)[0]
     half = PruneConfig(target_macs=args.macs, importance="l1")
     variants[f"macs {args.macs} uniform"] = prune_model(model, half, example)[0]
-    int8_cfg = PruneConfig(ratio=0.5, importance="l1", precision="int8", latency_widths=args.widths)
+    int8_cfg = PruneConfig(ratio=0.5, importance="l1", measure_precision="int8", latency_widths=args.widths)
     groups = GroupPruner(copy.deepcopy(model), int8_cfg, example, []).groups
     table = latency_table(model, int8_cfg, example, timer.int8)
     weights = latency_weights(groups, table)
@@ -80,7 +80,7 @@ def bench_model(name: str, args: argparse.Namespace) -> dict:
     searches = []
     for fraction in args.target_fractions:  # targets: the unpruned eager FP32 time divided by `fraction`
         target = eager_ms / fraction
-        cfg = PruneConfig(target_latency_ms=target, importance="l1", precision="int8")
+        cfg = PruneConfig(target_latency_ms=target, importance="l1", measure_precision="int8")
         try:
             _, info, search = prune_to_latency(model, cfg, example, timer.int8)
             searches.append({"target_ms": round(target, 4), "eager_over": fraction, **info,

@@ -89,7 +89,7 @@ def sensitivity(recipe: RecipeArg, set_: SetOpt = None, out: OutOpt = Path("runs
         raise EdgecvError(f"--metric {metric!r}: choose from: {', '.join(METRICS)}")
     r = _load(recipe, set_)
     quant = [s for s in r.stages if s.stage in ("ptq", "qat")]
-    tgt = target or (quant[0].target if quant else "onnxruntime")
+    tgt = target or (quant[0].backend if quant else "onnxruntime")
     PROFILES.get(tgt)
     pipe = Pipeline(r, out, device, _data_root(data))
     with pipe.locked():  # through writing sensitivity.json

@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
 import yaml
 from pydantic import (
@@ -29,16 +29,44 @@ RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
 
 class Strict(BaseModel):
-    """Base for every configuration section: unknown keys are errors with a suggestion."""
+    """Base for every configuration section: unknown keys are errors with a suggestion, and a key of an
+    older edgecv is refused with its new spelling (`renamed`: old key -> new spelling in this section, e.g.
+    `{"iterative_steps": "steps", "global_pruning": "allocation: global"}`; inherited by subclasses)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    renamed: ClassVar[dict[str, str]] = {}
+    removed: ClassVar[dict[str, str]] = {}  # old key -> what to do instead (a key no recipe or test used)
+
+    @classmethod
+    def renamed_keys(cls) -> dict[str, str]:
+        """Old key -> new spelling, from this class and every config class it is made of."""
+        return cls._merged_table("renamed")
+
+    @classmethod
+    def removed_keys(cls) -> dict[str, str]:
+        """Old key -> what to do instead, from this class and every config class it is made of."""
+        return cls._merged_table("removed")
+
+    @classmethod
+    def _merged_table(cls, name: str) -> dict[str, str]:
+        table: dict[str, str] = {}
+        for klass in reversed(cls.__mro__):
+            table.update(vars(klass).get(name, {}))
+        return table
 
     @model_validator(mode="before")
     @classmethod
     def _reject_unknown_keys(cls, data: Any) -> Any:
         if isinstance(data, dict):
             fields = list(cls.model_fields)
+            renamed, removed = cls.renamed_keys(), cls.removed_keys()
             for key in data:
+                if key in removed and key not in cls.model_fields:
+                    raise PydanticCustomError("removed_key", "{key!r} was removed: {why}",
+                                              {"key": str(key), "why": removed[key]})
+                if key in renamed and key not in cls.model_fields:
+                    raise PydanticCustomError("renamed_key", "{key!r} was renamed: use {new!r}",
+                                              {"key": str(key), "new": renamed[key]})
                 if key not in cls.model_fields:
                     close = difflib.get_close_matches(str(key), fields, n=1)
                     raise PydanticCustomError(
@@ -131,6 +159,15 @@ def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
             full = f"{where}.{key}" if where else key
             hint = f" (did you mean {(f'{where}.{close}' if where else close)!r}?)" if close else ""
             messages.append(f"unknown key {full!r}{hint}; valid keys there: {ctx.get('valid', '')}")
+            continue
+        if etype == "renamed_key":
+            ctx = err.get("ctx", {})
+            old_key, new = ctx.get("key", ""), ctx.get("new", "")
+            messages.append(f"{where + '.' if where else ''}{old_key} was renamed: use {where + '.' if where else ''}{new}")
+            continue
+        if etype == "removed_key":
+            ctx = err.get("ctx", {})
+            messages.append(f"{where + '.' if where else ''}{ctx.get('key', '')} was removed: {ctx.get('why', '')}")
             continue
         if etype == "missing":
             messages.append(f"missing key {where!r}")

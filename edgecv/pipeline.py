@@ -140,11 +140,11 @@ class Pipeline:
 
     def _preflight(self, only_train: bool) -> None:
         """Refuse up front what would only fail after hours of training."""
-        wants_engine = any(getattr(s, "tensorrt", False) for s in self.recipe.stages if s.stage == "export")
+        wants_engine = any(getattr(s, "build_engine", False) for s in self.recipe.stages if s.stage == "export")
         if wants_engine and not only_train and importlib.util.find_spec("tensorrt") is None:
             raise EdgecvError(
-                "export.tensorrt is true but TensorRT is not installed here; build engines on the device "
-                "(tools/jetson_setup.sh) or set export.tensorrt: false"
+                "export.build_engine is true but TensorRT is not installed here; build engines on the device "
+                "(tools/jetson_setup.sh) or set export.build_engine: false"
             )
 
     def stage_list(self, until: str | None = None) -> list[tuple[str, Any]]:
@@ -303,7 +303,7 @@ def preflight_model(spec: ModelSpec, stages: list, weights: str | None = None, h
 
                     analyse(model, cfg, example)
                 elif cfg.stage in ("ptq", "qat") and "export" in names:
-                    _int8_preflight(model, cfg.target, example, Path(tmp))
+                    _int8_preflight(model, cfg.backend, example, Path(tmp))
                 elif cfg.stage == "export":
                     from edgecv.export.onnx import export_onnx
 

@@ -27,11 +27,11 @@ from edgecv.config import (
     load_raw,
     resolve_recipe_path,
 )
-from edgecv.data.config import DataConfig
+from edgecv.data.config import DATASET_OPTIONS, DataConfig, dataset_registry
 from edgecv.errors import EdgecvError
 from edgecv.models.spec import ModelConfig
 from edgecv.stages import STAGES, StageConfig, listed_stages
-from edgecv.train.config import TrainConfig
+from edgecv.train.config import TrainConfig, TrainOverrides
 
 __all__ = [
     "RECIPES_DIR",
@@ -96,6 +96,9 @@ class Recipe(Strict):
         for i in quant:
             if any(n in ("prune", "finetune", "surgery") for n in names[i + 1 :]):
                 raise ValueError(f"stages: {names[i]!r} must come after prune, surgery and finetune")
+        for s in self.stages:  # ptq / qat time INT8 against float at the smallest bench batch unless told
+            if s.stage in ("ptq", "qat") and s.batch_size is None:
+                s.__dict__["batch_size"] = min(self.bench.batch_sizes)
         return self
 
     def fingerprint(self, *parts: Any) -> str:
@@ -117,7 +120,25 @@ def load_recipe(spec: str | Path, overrides: list[str] | None = None) -> Recipe:
 
 
 def dump_recipe(recipe: Recipe) -> str:
-    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+    """The recipe as YAML with every default written out; a stage's training keys left out are shown with the
+    values it trains with (taken from the `train` section), so the dump reads as what runs."""
+    data = recipe.model_dump(mode="json")
+    takes = set(getattr(dataset_registry().get(recipe.data.dataset), "options", ()))
+    for key in set(DATASET_OPTIONS) - takes:  # options of other datasets (null here) are left out
+        data["data"].pop(key, None)
+    for stage, item in zip(recipe.stages, data["stages"], strict=True):
+        body = item[stage.stage]
+        if isinstance(stage, TrainOverrides):
+            body.update(_training_keys(stage, recipe.train))
+        between = getattr(stage, "finetune_between", None)
+        if getattr(stage, "steps", 1) > 1:
+            body["finetune_between"] = _training_keys(between or TrainOverrides(epochs=1), recipe.train)
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def _training_keys(overrides: TrainOverrides, train: TrainConfig) -> dict:
+    merged = overrides.merged(train).model_dump(mode="json")
+    return {k: v for k, v in merged.items() if k in type(overrides).model_fields}
 
 
 def recipe_schema() -> dict:

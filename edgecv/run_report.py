@@ -77,7 +77,7 @@ def _torch_subjects(stages: list[StageModel], recipe: Recipe, device: str) -> li
     for i, s in enumerate(stages):
         ok, note = _deployable(i, stages)
         m = s.metrics
-        reuse = recipe.bench.eval_limit is None and "accuracy_backend" not in m and {"top1", "top5"} <= set(m)
+        reuse = "accuracy_backend" not in m and {"top1", "top5"} <= set(m)
         out.append(Subject(
             model=str(s.path), runner=None, load=_torch_loader(s.path, device, recipe.bench.threads),
             format="torch", stage=s.name, params=s.params, macs=s.macs, size_bytes=s.path.stat().st_size,
@@ -108,7 +108,7 @@ def _baseline_int8(stages: list[StageModel], manifest: dict, spec: ModelSpec, tm
     from edgecv.export.onnx import export_onnx, model_size_bytes
 
     base = next((s for s in stages if s.name == "train"), None)
-    targets = [getattr(c, "target", None) for c in recipe.stages if c.stage in ("ptq", "qat")]
+    targets = [getattr(c, "backend", None) for c in recipe.stages if c.stage in ("ptq", "qat")]
     if base is None or not any(s.name == "surgery" for s in stages) or "onnxruntime" not in targets:
         return []
     method = next((e["metrics"]["calibrator"] for e in manifest["stages"] if "calibrator" in e.get("metrics", {})),
@@ -205,7 +205,7 @@ def report_run(recipe: Recipe, run_dir: Path, manifest: dict, data: DataBundle, 
         settings = BenchSettings(tuple(bench.batch_sizes), bench.warmup, bench.runs, bench.rounds)
         console.rule("[bold]bench")
         with make_progress() as progress:
-            rows = measure(subjects, settings, spec.input_shape, _val_batches(data, bench.eval_limit),
+            rows = measure(subjects, settings, spec.input_shape, _val_batches(data, None),
                            _rich(progress))
     sections = _sections(manifest, files, recipe)
     paths = write_report(run_dir, rows, sections, title=f"edgecv report: {recipe.name}")

@@ -27,7 +27,7 @@ TINY = {
         {"qat": {"epochs": 1, "lr": 0.001}},
         {"export": {"parity_samples": 256}},
     ],
-    "bench": {"batch_sizes": [1, 8], "warmup": 2, "runs": 5, "rounds": 1},
+    "bench": {"batch_sizes": [1, 8], "warmup": 2, "runs": 5, "rounds": 1, "threads": 1},
 }
 
 

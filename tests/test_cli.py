@@ -120,6 +120,9 @@ def test_compress_writes_the_run_dir_and_report(finished_run):
     assert not by[("prune", "torch")]["deployable"] and not by[("qat", "torch")]["deployable"]
     assert {(s["model"], s["backend"]) for s in report["summary"]} >= {("qat/onnx-int8", "onnxruntime")}
     assert [c["calibrator"] for c in report["calibration"]] == ["max", "percentile"]
+    assert report["settings"]["threads"] == 1  # bench.threads: the runners' CPU threads, recorded
+    meta = json.loads((run / "export" / "metadata.json").read_text())
+    assert meta["files"]["model.int8.onnx"]["parity"]["n"] == 256  # export.parity_samples
     assert sum(c["chosen"] for c in report["calibration"]) == 1
     assert report["int8_graph"]["float_ops"] == []
     md = (run / "report.md").read_text()
@@ -254,6 +257,6 @@ def test_every_registered_stage_ran_and_recorded_metrics(finished_run, stage):
 def test_tensorrt_export_without_tensorrt_is_refused_before_training(tmp_path):
     path = write_recipe(tmp_path / "r.yaml", TINY)
     line = one_error_line(run_cli("compress", str(path), "--out", str(tmp_path / "runs"), "--set",
-                                  "stages.export.tensorrt=true"))
-    assert "TensorRT is not installed" in line and "export.tensorrt" in line
+                                  "stages.export.build_engine=true"))
+    assert "TensorRT is not installed" in line and "export.build_engine" in line
     assert not (tmp_path / "runs").exists()

@@ -74,14 +74,14 @@ def test_a_tensor_without_a_source_range_is_one_line(monkeypatch):
 
 
 def test_int8_file_names_say_their_target():
-    from edgecv.stages.export import ExportConfig, engine_source, int8_file_name, int8_targets
+    from edgecv.stages.export import ExportConfig, engine_source, int8_file_name, other_backends
 
     qmodel, _ = calibrated("edgecv:resnet8")
     assert int8_file_name("onnxruntime", "onnxruntime") == "model.int8.onnx"
     assert int8_file_name("tensorrt", "onnxruntime") == "model.int8.tensorrt.onnx"
-    assert int8_targets(qmodel, ExportConfig(tensorrt=True)) == ["tensorrt"]
-    assert int8_targets(qmodel, ExportConfig(int8_targets=["onnxruntime", "tensorrt"])) == ["tensorrt"]
-    assert int8_targets(qmodel, ExportConfig()) == []
+    assert other_backends(qmodel, ExportConfig(build_engine=True)) == ["tensorrt"]
+    assert other_backends(qmodel, ExportConfig(backends=["onnxruntime", "tensorrt"])) == ["tensorrt"]
+    assert other_backends(qmodel, ExportConfig()) == []
     files = {"model.onnx": {"format": "onnx"}, "model.int8.onnx": {"target": "onnxruntime"},
              "model.int8.tensorrt.onnx": {"target": "tensorrt"}}
     assert engine_source(files) == "model.int8.tensorrt.onnx"  # never the onnxruntime-target graph
@@ -92,8 +92,8 @@ def test_int8_file_names_say_their_target():
 
 @pytest.mark.parametrize(
     ("override", "expected"),
-    [("stages.export.int8_targets=[tflite]", "unknown quantization target 'tflite'"),
-     ("stages.export.engine.precision=int4", "precision 'int4': choose from auto, fp32, fp16, int8"),
+    [("stages.export.backends=[tflite]", "unknown quantization target 'tflite'"),
+     ("stages.export.engine.build_precision=int4", "build_precision 'int4': choose from auto, fp32, fp16, int8"),
      ("stages.export.engine.dla_core=-1", "dla_core")],
 )
 def test_engine_options_are_checked_in_the_recipe(tmp_path, override, expected):
@@ -110,7 +110,7 @@ def run_with_tensorrt_file(finished_run, tmp_path_factory):
     base = tmp_path_factory.mktemp("retarget")
     shutil.copytree(finished_run["run_dir"], base / "runs" / "tiny")
     proc = run_cli("compress", str(finished_run["recipe"]), "--out", str(base / "runs"), "--device", "cpu",
-                   "--set", "stages.export.int8_targets=[tensorrt]", timeout=900)
+                   "--set", "stages.export.backends=[tensorrt]", timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return base / "runs" / "tiny", proc
 

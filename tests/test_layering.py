@@ -206,37 +206,29 @@ def test_no_function_is_longer_than_sixty_lines():
 
 # A module holds one concern; past this many lines it holds several: split it along its seams.
 MAX_MODULE_LINES = 450
-# Being split by other helpers in this same round (issue 18, item 5). The coordinator empties this at merge:
-# an entry that is no longer over the limit (or no longer exists) fails the test below as stale.
-SPLIT_IN_PROGRESS = {
-    "edgecv/compress/prune.py",  # helper "options"
-}
 
 
 def _module_lengths() -> dict[str, int]:
     return {p.relative_to(ROOT).as_posix(): len(p.read_text().splitlines()) for p in sorted(PACKAGE.rglob("*.py"))}
 
 
-def _too_long(lengths: dict[str, int], allowed: set[str]) -> list[str]:
-    return [f"{path} ({n} lines)" for path, n in lengths.items() if n > MAX_MODULE_LINES and path not in allowed]
+def _too_long(lengths: dict[str, int]) -> list[str]:
+    return [f"{path} ({n} lines)" for path, n in lengths.items() if n > MAX_MODULE_LINES]
 
 
 def test_no_module_is_longer_than_450_lines():
     lengths = _module_lengths()
-    long = _too_long(lengths, SPLIT_IN_PROGRESS)
+    long = _too_long(lengths)
     assert not long, "split these modules along their seams: " + ", ".join(long)
-    stale = sorted(p for p in SPLIT_IN_PROGRESS if lengths.get(p, 0) <= MAX_MODULE_LINES)
-    assert not stale, f"no longer over {MAX_MODULE_LINES} lines, remove from SPLIT_IN_PROGRESS: {', '.join(stale)}"
 
 
 def test_the_module_length_check_names_a_long_module():
     lengths = {"edgecv/a.py": MAX_MODULE_LINES, "edgecv/b.py": MAX_MODULE_LINES + 1}
-    assert _too_long(lengths, set()) == [f"edgecv/b.py ({MAX_MODULE_LINES + 1} lines)"]
+    assert _too_long(lengths) == [f"edgecv/b.py ({MAX_MODULE_LINES + 1} lines)"]
 
 
 # Private names (a leading underscore) stay in their module: one that another module needs gets a public
-# name. Still crossing in code other helpers own this round; the coordinator empties this at merge.
-PRIVATE_IN_PROGRESS: set[str] = set()
+# name.
 
 
 def _private_uses(path: Path, module: str) -> set[str]:
@@ -275,10 +267,7 @@ def _is_private(name: str) -> bool:
 
 def test_no_private_name_is_used_across_modules():
     crossing = set().union(*(_private_uses(p, m) for m, p in _modules().items()))
-    wrong = sorted(crossing - PRIVATE_IN_PROGRESS)
-    assert not wrong, "give these a public name (or keep them in their module):\n" + "\n".join(wrong)
-    stale = sorted(PRIVATE_IN_PROGRESS - crossing)
-    assert not stale, "no longer crossing, remove from PRIVATE_IN_PROGRESS: " + ", ".join(stale)
+    assert not crossing, "give these a public name (or keep them in their module):\n" + "\n".join(sorted(crossing))
 
 
 def test_the_private_name_check_catches_each_form(tmp_path):

@@ -25,7 +25,7 @@ SLOW_INT8 = {
              "train_size": 256, "val_size": 256, "batch_size": 64, "eval_batch_size": 128},
     "model": {"name": "edgecv:resnet8", "width": 2},
     "train": {"epochs": 1, "lr": 0.1, "schedule": "onecycle", "optimizer": "sgd"},
-    "stages": [{"ptq": {"compare": ["max"], "calib_batches": 2, "precision": "auto"}},
+    "stages": [{"ptq": {"compare": ["max"], "calib_batches": 2, "ship_precision": "auto"}},
                {"export": {"parity_samples": 64}}],
     "bench": {"batch_sizes": [1], "warmup": 2, "runs": 5, "rounds": 1},
 }  # fmt: skip
@@ -83,7 +83,7 @@ def test_int8_measured_slower_prints_the_verdict_and_auto_ships_float(tmp_path, 
     assert metadata["precision"]["chosen"] == "int8" and metadata["precision"]["requested"] == "int8"
 
     # INT8 measured faster, an accuracy budget that any top-1 meets: auto ships INT8, and no "slower" line
-    faster = [{"ptq": {**FORCED_INT8[0]["ptq"], "precision": "auto", "accuracy_budget": 100.0}}, FORCED_INT8[1]]
+    faster = [{"ptq": {**FORCED_INT8[0]["ptq"], "ship_precision": "auto", "accuracy_budget": 100.0}}, FORCED_INT8[1]]
     stdout, ptq = _run({**SLOW_INT8, "stages": faster}, out, fixed_times(0.5, 1.0, calls), capsys)
     assert "INT8 is 2.0x faster than float here (ONNX Runtime, batch 1: 0.5 vs 1 ms)" in stdout
     assert not VERDICT.search(stdout) and "precision auto: int8 ships (int8 is 2.00x as fast as float" in stdout
@@ -153,13 +153,13 @@ def test_choose_precision(int8_ms, int8_top1, budget, chosen):
 
 def test_precision_options_are_checked():
     base = {"name": "p", "model": {"name": "edgecv:resnet8"}}
-    validate({**base, "stages": [{"qat": {"precision": "auto", "accuracy_budget": 1.0, "deploy_batch": 8}}]})
-    with pytest.raises(EdgecvError, match="accuracy_budget: only precision 'auto' takes it"):
+    validate({**base, "stages": [{"qat": {"ship_precision": "auto", "accuracy_budget": 1.0, "batch_size": 8}}]})
+    with pytest.raises(EdgecvError, match="accuracy_budget: only ship_precision 'auto' takes it"):
         validate({**base, "stages": [{"ptq": {"accuracy_budget": 1.0}}]})
-    with pytest.raises(EdgecvError, match="precision auto times INT8 and float in ONNX Runtime"):
-        validate({**base, "stages": [{"ptq": {"precision": "auto", "target": "tensorrt"}}]})
-    with pytest.raises(EdgecvError, match="precision"):
-        validate({**base, "stages": [{"ptq": {"precision": "fp16"}}]})
+    with pytest.raises(EdgecvError, match="ship_precision auto times INT8 and float in ONNX Runtime"):
+        validate({**base, "stages": [{"ptq": {"ship_precision": "auto", "backend": "tensorrt"}}]})
+    with pytest.raises(EdgecvError, match="ship_precision"):
+        validate({**base, "stages": [{"ptq": {"ship_precision": "fp16"}}]})
 
 
 def test_a_tiny_model_is_timed_long_enough_to_tell_the_precisions_apart():

@@ -88,7 +88,7 @@ def test_target_latency_lands_within_ten_percent_on_onnxruntime(precision):
     half its channels, channel counts in multiples of 8; the search starts from the unpruned and the most
     pruned model and must find a pruning within 10 % of it."""
     model = small_model()
-    probe = PruneConfig(target_latency_ms=1.0, precision=precision, importance="l1", round_to=8)
+    probe = PruneConfig(target_latency_ms=1.0, measure_precision=precision, importance="l1", round_to=8)
     measure_ms = latency_measurer(probe, EXAMPLE, runs=50, rounds=3, threads=1)
     half = prune_model(model, probe.model_copy(update={"target_latency_ms": None, "ratio": 0.5}), EXAMPLE)[0]
     misses = []
@@ -121,7 +121,7 @@ def test_exactly_one_goal_and_known_choices():
     with pytest.raises(ValueError, match="exactly one"):
         PruneConfig(ratio=0.5, target_latency_ms=2.0)
     with pytest.raises(ValueError):
-        PruneConfig(target_latency_ms=2.0, precision="int4")
+        PruneConfig(target_latency_ms=2.0, measure_precision="int4")
     with pytest.raises(ValueError):
         PruneConfig(ratio=0.5, allocation="by-hand")
     with pytest.raises(EdgecvError, match="needs the layers' measured latency table"):

@@ -124,6 +124,18 @@ def test_ema_weights_are_evaluated_and_kept():
     assert moved(averaged) < 0.05 * moved(trained)
 
 
+def test_grad_clip_bounds_each_update_and_zero_is_off():
+    """A tiny gradient-norm bound keeps the weights near where they started; 0 trains as without it."""
+    torch.manual_seed(0)
+    start = no_batchnorm(4).state_dict()
+    moved = lambda m: max(float((v - start[k]).abs().max()) for k, v in m.state_dict().items())  # noqa: E731
+    plain = _trained(TrainConfig(epochs=1, lr=0.1, schedule="constant"), 6)
+    clipped = _trained(TrainConfig(epochs=1, lr=0.1, schedule="constant", grad_clip=1e-4), 6)
+    off = _trained(TrainConfig(epochs=1, lr=0.1, schedule="constant", grad_clip=0), 6)
+    assert moved(clipped) < 0.05 * moved(plain)
+    assert _max_diff(plain, off) == 0
+
+
 def test_channels_last_trains_the_same_weights_in_nhwc():
     plain = _trained(TrainConfig(epochs=1, lr=0.1, schedule="constant"), 12)
     nhwc = _trained(TrainConfig(epochs=1, lr=0.1, schedule="constant", channels_last=True), 12)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from pydantic import Field, field_validator
 
 from edgecv.config import Strict, registry_choice
@@ -14,13 +16,14 @@ def _runners():
 
 
 class BenchConfig(Strict):
+    removed: ClassVar[dict[str, str]] = {
+        "eval_limit": "accuracy is measured on the validation split (data.limit_val shortens it)"}
     backends: list[registry_choice(_runners)] = ["torch", "onnxruntime"]  # type: ignore[valid-type]
     batch_sizes: list[int] = Field([1, 64], min_length=1)
     warmup: int = Field(10, ge=0)
     runs: int = Field(50, ge=1)
     rounds: int = Field(3, ge=1)
-    threads: int | None = Field(None, ge=1, description="CPU threads; default: all cores")
-    eval_limit: int | None = Field(None, ge=1, description="evaluate accuracy on the first N validation images")
+    threads: int | None = Field(None, ge=1, description="CPU threads (null: all cores)")
 
     @field_validator("batch_sizes")
     @classmethod

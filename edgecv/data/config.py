@@ -8,14 +8,16 @@ from pydantic import Field, model_validator
 
 from edgecv.config import Strict, registry_choice
 from edgecv.data.bundle import DATASETS
+from edgecv.registry import Registry
 
 
-def _datasets():
-    return DATASETS  # filled by edgecv.data.datasets, which the package's __init__ imports
+def dataset_registry() -> Registry:
+    """The dataset registry, filled by edgecv.data.datasets (which the package's __init__ imports)."""
+    return DATASETS
 
 
 class DataConfig(Strict):
-    dataset: registry_choice(_datasets) = "fashion-mnist"  # type: ignore[valid-type]
+    dataset: registry_choice(dataset_registry) = "fashion-mnist"  # type: ignore[valid-type]
     root: str | None = Field(None, description="dataset folder; --data or $EDGECV_DATA override it")
     image_size: int = Field(28, ge=8, le=1024)
     batch_size: int = Field(128, ge=1)
@@ -54,7 +56,7 @@ class DataConfig(Strict):
     @model_validator(mode="after")
     def _options_of_the_dataset(self) -> DataConfig:
         """An option that the chosen dataset does not take is a mistake, not something to ignore."""
-        factory = _datasets().get(self.dataset)
+        factory = dataset_registry().get(self.dataset)
         takes = set(getattr(factory, "options", ()))
         for name in DATASET_OPTIONS:
             if getattr(self, name) is not None and name not in takes:
@@ -68,13 +70,24 @@ class DataConfig(Strict):
                     raise ValueError(f"data.{name}: needs worker processes (data.workers > 0)")
         if self.std is not None and min(self.std) <= 0:
             raise ValueError(f"data.std: every value must be positive, got {list(self.std)}")
+        for name, value in DATASET_DEFAULTS.get(self.dataset, {}).items():
+            if getattr(self, name) is None and (name != "prefetch_factor" or self.workers):
+                self.__dict__[name] = value  # the dataset's default, written out (recipes show --resolved)
         return self
 
 
 # Keys that only some datasets take; each dataset factory lists the ones it takes in `.options`.
-DATASET_OPTIONS = ("num_classes", "channels", "train_size", "val_size", "workers", "pin_memory",
-                   "persistent_workers", "prefetch_factor", "gpu_decode", "resize_size", "interpolation", "mean",
-                   "std", "auto_augment", "random_erase")
+SYNTHETIC_OPTIONS = ("num_classes", "channels", "train_size", "val_size")
+IMAGEFOLDER_OPTIONS = ("workers", "pin_memory", "persistent_workers", "prefetch_factor", "gpu_decode", "resize_size",
+                       "interpolation", "mean", "std", "auto_augment", "random_erase")
+DATASET_OPTIONS = SYNTHETIC_OPTIONS + IMAGEFOLDER_OPTIONS
+# The defaults of the dataset-specific keys that have a fixed one, filled in for the dataset that takes them
+# (None stays where the default depends on something else: pin_memory on the device, resize_size on
+# image_size, interpolation / mean / std on model.weights, persistent_workers on workers).
+DATASET_DEFAULTS = {
+    "synthetic": {"num_classes": 10, "channels": 3, "train_size": 512, "val_size": 256},
+    "imagefolder": {"workers": 0, "prefetch_factor": 2, "gpu_decode": False, "random_erase": 0.0},
+}
 
 
 def option(value: int | None, default: int) -> int:

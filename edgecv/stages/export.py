@@ -1,10 +1,10 @@
 """The `export` stage: ONNX files (float and INT8 Q/DQ), each checked against torch, plus `metadata.json`
 describing them; optionally a TensorRT engine (on a machine with TensorRT).
 
-INT8 files say which target they are for. `model.int8.onnx` is for the quantization stage's target; when a
-run asks for an engine (`tensorrt: true`) or lists other targets (`int8_targets`), the same calibrated or
-trained model is rebuilt for each other target with the same ranges and written as
-`model.int8.<target>.onnx` (e.g. `model.int8.tensorrt.onnx`, symmetric INT8 Q/DQ as TensorRT wants it).
+INT8 files say which backend they are for. `model.int8.onnx` is for the quantization stage's backend; when a
+run asks for an engine (`build_engine: true`) or lists other backends (`backends`), the same calibrated or
+trained model is rebuilt for each other backend with the same ranges and written as
+`model.int8.<backend>.onnx` (e.g. `model.int8.tensorrt.onnx`, symmetric INT8 Q/DQ as TensorRT wants it).
 Each entry of metadata.json's `files` carries its `target`; the `engine` section records the engine options,
 so that an engine built later on the device (`edgecv bench model.int8.tensorrt.onnx --backend tensorrt`)
 gets the same ones.
@@ -38,19 +38,27 @@ class EngineConfig(Strict):
     """How a TensorRT engine is built; its optimization profile covers the recipe's bench batch sizes and
     data.eval_batch_size."""
 
-    precision: str = Field("auto", description="auto (int8 for an INT8 model, else fp16) | fp32 | fp16 | int8")
+    renamed: ClassVar[dict[str, str]] = {"precision": "build_precision"}
+    build_precision: str = Field(
+        "auto", description="the TensorRT builder's precision: auto (int8 for an INT8 model, else fp16) | fp32 | "
+        "fp16 | int8")
     workspace_mb: int = Field(1024, ge=1, description="TensorRT builder workspace")
     timing_cache: str | None = Field(None, description="timing cache file, reused and updated across builds")
     dla_core: int | None = Field(None, ge=0, description="build for this DLA core, GPU fallback (AGX Orin, Xavier)")
 
-    @field_validator("precision")
+    @field_validator("build_precision")
     @classmethod
     def _known(cls, v: str) -> str:
         from edgecv.export.trt.options import REQUESTS
 
         if v not in REQUESTS:
-            raise ValueError(f"precision {v!r}: choose from {', '.join(REQUESTS)}")
+            raise ValueError(f"build_precision {v!r}: choose from {', '.join(REQUESTS)}")
         return v
+
+    def build_settings(self) -> dict:
+        """The options as metadata.json records them for a later build (BuildOptions' names)."""
+        return {"precision": self.build_precision, "workspace_mb": self.workspace_mb,
+                "timing_cache": self.timing_cache, "dla_core": self.dla_core}
 
 
 def _input_kinds():
@@ -64,10 +72,11 @@ class ExportConfig(StageConfig):
     opset: int = Field(17, ge=13, le=21)
     dynamic_batch: bool = True
     parity_samples: int = Field(512, ge=1)
-    tensorrt: bool = Field(False, description="also build a TensorRT engine (needs TensorRT on this machine)")
-    int8_targets: list[registry_choice(lambda: PROFILES)] = Field(  # type: ignore[valid-type]
+    renamed: ClassVar[dict[str, str]] = {"tensorrt": "build_engine", "int8_targets": "backends"}
+    build_engine: bool = Field(False, description="also build a TensorRT engine (needs TensorRT on this machine)")
+    backends: list[registry_choice(lambda: PROFILES)] = Field(  # type: ignore[valid-type]
         default_factory=list,
-        description="INT8 files for these targets too (model.int8.<target>.onnx), from the same ranges",
+        description="INT8 files for these backends too (model.int8.<backend>.onnx), from the same ranges",
     )
     engine: EngineConfig = Field(default_factory=EngineConfig)
     input: registry_choice(_input_kinds) = Field(  # type: ignore[valid-type]
@@ -109,11 +118,11 @@ def _int8_file(model: nn.Module, out: Path, cfg: ExportConfig, ctx: StageContext
     return {**info, "target": target, "inspect": report}
 
 
-def int8_targets(model: nn.Module, cfg: ExportConfig) -> list[str]:
-    """The targets other than the model's own that get an INT8 file: `int8_targets`, and tensorrt when an
+def other_backends(model: nn.Module, cfg: ExportConfig) -> list[str]:
+    """The backends other than the model's own that get an INT8 file: `backends`, and tensorrt when an
     engine is asked for."""
     own = quant_spec(model).target
-    wanted = [*cfg.int8_targets, *(["tensorrt"] if cfg.tensorrt else [])]
+    wanted = [*cfg.backends, *(["tensorrt"] if cfg.build_engine else [])]
     return [t for t in dict.fromkeys(wanted) if t != own]
 
 
@@ -162,12 +171,12 @@ def export_stage(model: nn.Module, cfg: ExportConfig, ctx: StageContext) -> nn.M
         files["model.onnx"] = _export_checked(float_model, out / "model.onnx", cfg, ctx, samples, int8=False)
     if quantized:
         files["model.int8.onnx"] = _int8_file(model, out, cfg, ctx, samples)
-        for target in int8_targets(model, cfg):
+        for target in other_backends(model, cfg):
             name = int8_file_name(target, quant_spec(model).target)
             files[name] = _retargeted_file(model, target, out, cfg, ctx, samples)
     if cfg.input == UINT8_NHWC:
         files.update(_frame_files(out, files, float_model, model if quantized else None, ctx, samples))
-    if cfg.tensorrt:
+    if cfg.build_engine:
         files["model.engine"] = _engine(out, files, cfg, ctx)
     precision = shipped_precision(ctx)  # INT8 against float on the target, and what ships (precision: auto)
     if precision is not None and not quantized and precision["chosen"] == "float":
@@ -181,7 +190,7 @@ def export_stage(model: nn.Module, cfg: ExportConfig, ctx: StageContext) -> nn.M
         "data": ctx.recipe.data.model_dump(mode="json"),
         "model": ctx.spec.to_dict(),
         "files": files,
-        "engine": {**cfg.engine.model_dump(mode="json"), "batch_sizes": list(ctx.recipe.bench.batch_sizes)},
+        "engine": {**cfg.engine.build_settings(), "batch_sizes": list(ctx.recipe.bench.batch_sizes)},
         "precision": precision,
     })  # fmt: skip
     ctx.metrics.update(files={k: {kk: vv for kk, vv in v.items() if kk != "inspect"} for k, v in files.items()})
@@ -202,7 +211,7 @@ def engine_source(files: dict) -> str:
             return name
     if "model.onnx" in files:
         return "model.onnx"
-    raise EdgecvError("export.tensorrt: no TensorRT-target INT8 file and no float ONNX file to build an engine from")
+    raise EdgecvError("export.build_engine: no TensorRT-target INT8 file and no float ONNX file to build an engine from")
 
 
 def build_options(engine_cfg: EngineConfig, batch_sizes, eval_batch_size: int):
@@ -211,7 +220,7 @@ def build_options(engine_cfg: EngineConfig, batch_sizes, eval_batch_size: int):
     from edgecv.export.trt.build import BuildOptions
     from edgecv.export.trt.options import engine_profile
 
-    return BuildOptions(precision=engine_cfg.precision, batches=engine_profile(batch_sizes, eval_batch_size),
+    return BuildOptions(precision=engine_cfg.build_precision, batches=engine_profile(batch_sizes, eval_batch_size),
                         workspace_mb=engine_cfg.workspace_mb, timing_cache=engine_cfg.timing_cache,
                         dla_core=engine_cfg.dla_core)
 

@@ -32,7 +32,9 @@ SEARCH_WARMUP, SEARCH_RUNS, SEARCH_ROUNDS = 10, 30, 3  # blocks per candidate in
 
 class PruneStageConfig(PruneConfig, StageConfig):
     stage: ClassVar[str] = "prune"
-    steps: int = Field(1, ge=1, description="prune in this many steps, fine-tuning between them")
+    renamed: ClassVar[dict[str, str]] = {"iterative_steps": "steps"}
+    steps: int = Field(1, ge=1, description="prune in this many steps, fine-tuning between them (the goal is "
+                       "reached in equal steps: ratio and target_macs geometrically, a latency on the last step)")
     finetune_between: TrainOverrides | None = Field(
         None, description="training between steps (default: 1 epoch with the recipe's train settings)"
     )
@@ -40,8 +42,8 @@ class PruneStageConfig(PruneConfig, StageConfig):
 
 def latency_measurer(cfg: PruneConfig, example_input: torch.Tensor, runs: int = SEARCH_RUNS,
                      rounds: int = SEARCH_ROUNDS, threads: int | None = None) -> MeasureMs:
-    """A function measuring models' batch-`cfg.batch` median latency on `cfg.backend` at `cfg.precision`
-    with `edgecv.bench.measure`, all of them together in blocks (INT8: edgecv's Q/DQ export, calibrated
+    """A function measuring models' median latency on `cfg.backend` at `cfg.measure_precision` and
+    `cfg.batch_size` with `edgecv.bench.measure`, all of them together in blocks (INT8: edgecv's Q/DQ export, calibrated
     with max ranges on random inputs: the ranges do not change the speed)."""
     from edgecv.bench.measure import BenchSettings, Subject, measure
     from edgecv.bench.runners import create_runner
@@ -52,7 +54,7 @@ def latency_measurer(cfg: PruneConfig, example_input: torch.Tensor, runs: int = 
             subjects = []
             for i, model in enumerate(models):
                 target = model.eval()
-                if cfg.precision == "int8":
+                if cfg.measure_precision == "int8":
                     from edgecv.compress.quantize import apply_calibrator, collect_stats, prepare_qat
 
                     target = prepare_qat(model, "onnxruntime", example_input)
@@ -62,11 +64,11 @@ def latency_measurer(cfg: PruneConfig, example_input: torch.Tensor, runs: int = 
                 runner_input: nn.Module | Path = target
                 if cfg.backend != "torch":
                     runner_input = export_onnx(target, Path(tmp) / f"candidate{i}.onnx", example_input[:1])
-                elif cfg.precision == "int8":
+                elif cfg.measure_precision == "int8":
                     raise ValueError("prune.precision int8 is measured in ONNX Runtime, not torch")
                 runner = create_runner(cfg.backend, runner_input, threads=threads)
                 subjects.append(Subject(model=f"candidate {i}", runner=runner, format=cfg.backend))
-            settings = BenchSettings((cfg.batch,), SEARCH_WARMUP, runs, rounds, accuracy=False, memory=False,
+            settings = BenchSettings((cfg.batch_size,), SEARCH_WARMUP, runs, rounds, accuracy=False, memory=False,
                                      frames=False)  # the model alone, as the target means it
             rows = measure(subjects, settings, tuple(example_input.shape[1:]))
         return [row.latency[0].p50_ms for row in rows]
@@ -79,7 +81,7 @@ def _taylor_batches(cfg: PruneStageConfig, ctx: StageContext) -> list:
     if cfg.importance == "taylor":
         for x, y in ctx.data.calib:
             batches.append((x, y))
-            if len(batches) >= (cfg.taylor_batches or TAYLOR_BATCHES):
+            if len(batches) >= TAYLOR_BATCHES:
                 break
     return batches
 
@@ -115,7 +117,7 @@ def _prune_once(model: nn.Module, cfg: PruneStageConfig, ctx: StageContext) -> t
     pruned, info, search = prune_to_latency(model, cfg, example, measure_ms, batches, weights)
     ctx.metrics["latency_search"] = search.rows(cfg)
     console.print(f"latency search: {info['latency_ms']:.3f} ms for a target of {info['target_latency_ms']:g} ms "
-                  f"on {cfg.backend} {cfg.precision} batch {cfg.batch} after {info['trials']} candidates"
+                  f"on {cfg.backend} {cfg.measure_precision} batch {cfg.batch_size} after {info['trials']} candidates"
                   + (f" ({search.reason})" if search.reason else ""))
     if search.reason:
         info["search_note"] = search.reason

@@ -1,7 +1,7 @@
-"""The `ptq` and `qat` stages: INT8 fake-quant models for a target backend, with accuracy measured on the
-exported INT8 graph in ONNX Runtime (as deployed, not as simulated). For the onnxruntime target each stage
-also times INT8 against float at the deployment batch, says in one line when INT8 is the slower, and with
-`precision: auto` returns (ships) whichever is faster within the accuracy budget: the float model when it
+"""The `ptq` and `qat` stages: INT8 fake-quant models for a backend, with accuracy measured on the
+exported INT8 graph in ONNX Runtime (as deployed, not as simulated). For the onnxruntime backend each stage
+also times INT8 against float at `batch_size`, says in one line when INT8 is the slower, and with
+`ship_precision: auto` returns (ships) whichever is faster within the accuracy budget: the float model when it
 wins, recorded in the stage's metrics and `precision.json`."""
 
 from __future__ import annotations
@@ -28,18 +28,22 @@ from edgecv.stages.train import distillation, run_fit
 from edgecv.train.config import TrainOverrides
 from edgecv.train.distributed import DistInfo, broadcast_module_state, broadcast_object
 
-Target = registry_choice(lambda: Q.PROFILES)
+Backend = registry_choice(lambda: Q.PROFILES)
+DEFAULT_BUDGET = 0.5  # ship_precision auto: top-1 points the faster model may lose
 CalibratorName = registry_choice(lambda: Q.CALIBRATORS)
 
 
 class QuantConfig(Strict):
     """Keys shared by `ptq` and `qat`."""
 
-    target: Target = "onnxruntime"  # type: ignore[valid-type]
+    renamed: ClassVar[dict[str, str]] = {"target": "backend", "precision": "ship_precision",
+                                         "deploy_batch": "batch_size"}
+    backend: Backend = Field(  # type: ignore[valid-type]
+        "onnxruntime", description="the runtime the INT8 model is quantized for (its Q/DQ placement rules)")
     calibrator: CalibratorName = "max"  # type: ignore[valid-type]
-    percentile: float | None = Field(
-        None, gt=PERCENTILE_BOUNDS[0], lt=PERCENTILE_BOUNDS[1],
-        description=f"percentile calibrator: % of values inside the range (default {DEFAULT_PERCENTILE})",
+    percentile: float = Field(
+        DEFAULT_PERCENTILE, gt=PERCENTILE_BOUNDS[0], lt=PERCENTILE_BOUNDS[1],
+        description="calibrator percentile: % of values inside the range",
     )  # fmt: skip
     calib_batches: int = Field(8, ge=1)
     skip_layers: list[str] | str = Field(
@@ -55,15 +59,15 @@ class QuantConfig(Strict):
                 raise ValueError(f"skip_layers must be a list of layer names or 'auto:N', got {v!r}")
         return v
 
-    precision: Literal["int8", "auto"] = Field(
-        "int8", description="int8: ship INT8; auto: ship whichever of INT8 and float is faster on the target "
-        "at deploy_batch, within accuracy_budget (measured; onnxruntime target)",
+    ship_precision: Literal["int8", "auto"] = Field(
+        "int8", description="int8: ship INT8; auto: ship whichever of INT8 and float is faster on the backend "
+        "at batch_size, within accuracy_budget (measured; onnxruntime backend)",
     )
-    accuracy_budget: float | None = Field(
-        None, ge=0.0, description="precision auto: top-1 points the faster model may lose (default 0.5)"
+    accuracy_budget: float = Field(
+        DEFAULT_BUDGET, ge=0.0, description="ship_precision auto: top-1 points the faster model may lose"
     )
-    deploy_batch: int | None = Field(
-        None, ge=1, description="batch size INT8 and float are timed at (default: the smallest in bench)"
+    batch_size: int | None = Field(
+        None, ge=1, description="batch size INT8 and float are timed at (null: the smallest of bench.batch_sizes)"
     )
 
     def calibrators_used(self) -> set[str]:
@@ -71,25 +75,22 @@ class QuantConfig(Strict):
 
     @model_validator(mode="after")
     def _auto_options(self) -> QuantConfig:
-        if self.accuracy_budget is not None and self.precision != "auto":
-            raise ValueError("accuracy_budget: only precision 'auto' takes it")
-        if self.precision == "auto" and self.target != "onnxruntime":
+        if self.accuracy_budget != DEFAULT_BUDGET and self.ship_precision != "auto":
+            raise ValueError("accuracy_budget: only ship_precision 'auto' takes it")
+        if self.ship_precision == "auto" and self.backend != "onnxruntime":
             raise ValueError(
-                f"precision auto times INT8 and float in ONNX Runtime; with target {self.target!r} build both "
-                "on the device and compare them with edgecv bench"
+                f"ship_precision auto times INT8 and float in ONNX Runtime; with backend {self.backend!r} build "
+                "both on the device and compare them with edgecv bench"
             )
         return self
 
-    def budget(self) -> float:
-        return 0.5 if self.accuracy_budget is None else self.accuracy_budget
-
     def calibrator_options(self, method: str) -> dict[str, float]:
         """The options `method` takes from this config (only the percentile calibrator takes one)."""
-        return {"percentile": self.percentile} if method == "percentile" and self.percentile is not None else {}
+        return {"percentile": self.percentile} if method == "percentile" else {}
 
     @model_validator(mode="after")
     def _percentile_needs_its_calibrator(self) -> QuantConfig:
-        if self.percentile is not None and "percentile" not in self.calibrators_used():
+        if self.percentile != DEFAULT_PERCENTILE and "percentile" not in self.calibrators_used():
             raise ValueError("percentile: only the 'percentile' calibrator takes it, and it is not used here")
         return self
 
@@ -108,11 +109,9 @@ class PTQConfig(QuantConfig, StageConfig):
 
 class QATConfig(QuantConfig, TrainOverrides, StageConfig):
     stage: ClassVar[str] = "qat"
+    removed: ClassVar[dict[str, str]] = {"freeze_bn_epoch": "BatchNorm is folded from the start (leave the key out)"}
     epochs: int = Field(1, ge=0)
     learnable_ranges: bool = True
-    freeze_bn_epoch: int | None = Field(
-        None, ge=0, description="fold BatchNorm / freeze its statistics from this epoch; None: from the start"
-    )
     distill: DistillConfig | None = None
 
 
@@ -139,13 +138,13 @@ def _prepare(model: nn.Module, cfg: QuantConfig, ctx: StageContext, freeze_bn: b
     dist = _dist(ctx)
     sens = None
     if isinstance(cfg.skip_layers, str):
-        rows = sensitivity_rows(model, cfg.target, ctx.data, ctx.spec.example_input()) if dist.is_main else None
+        rows = sensitivity_rows(model, cfg.backend, ctx.data, ctx.spec.example_input()) if dist.is_main else None
         sens = broadcast_object(rows, dist)
         ctx.metrics["sensitivity"] = sens
         if dist.is_main:
             write_json(ctx.stage_dir / "sensitivity.json", sens)
     skip = Q.resolve_skip_layers(cfg.skip_layers, sens)
-    qmodel = Q.prepare_qat(model.cpu().eval(), cfg.target, ctx.spec.example_input(), skip_layers=skip,
+    qmodel = Q.prepare_qat(model.cpu().eval(), cfg.backend, ctx.spec.example_input(), skip_layers=skip,
                            freeze_bn=freeze_bn)
     stats = None
     if dist.is_main:
@@ -195,81 +194,73 @@ def _compare_calibrators(qmodel: nn.Module, stats: Q.CalibStats, cfg: PTQConfig,
     Q.apply_calibrator(qmodel, stats, best, **cfg.calibrator_options(best))
     chosen = next(r for r in results if r["calibrator"] == best)
     ctx.metrics.update(calibrators=results, calibrator=best, top1=chosen["top1"], top5=chosen["top5"],
-                       target=cfg.target, accuracy_backend="onnxruntime")
+                       target=cfg.backend, accuracy_backend="onnxruntime")
 
 
 def _ship(float_model: nn.Module, qmodel: nn.Module, cfg: QuantConfig, ctx: StageContext,
           int8_top1: float | None, before_training: bool = False) -> nn.Module:
-    """INT8 against float on the target (onnxruntime): the verdict line, and for precision auto the model that
+    """INT8 against float on the backend (onnxruntime): the verdict line, and for ship_precision auto the model that
     ships. `before_training` (QAT): only speed is known yet; a float win skips the training. Under torchrun,
     rank 0 measures and decides; every rank ships what it chose."""
-    if cfg.target != "onnxruntime":
+    if cfg.backend != "onnxruntime":
         return qmodel  # timed on the device (edgecv bench), not here
-    auto = cfg.precision == "auto"
+    auto = cfg.ship_precision == "auto"
     dist = _dist(ctx)
     if not dist.is_main:
         chosen = broadcast_object(None, dist)
         return float_model if auto and chosen == "float" else qmodel
-    batch = cfg.deploy_batch or min(ctx.recipe.bench.batch_sizes)
+    batch = cfg.batch_size or min(ctx.recipe.bench.batch_sizes)
     cmp = compare_precisions(float_model, qmodel, ctx, batch, int8_top1, with_accuracy=auto,
                              time_ms=ctx.time_precisions)
-    chosen, why = choose_precision(cmp, cfg.budget()) if auto else ("int8", "precision: int8 was asked")
+    chosen, why = choose_precision(cmp, cfg.accuracy_budget) if auto else ("int8", "ship_precision: int8 was asked")
     broadcast_object(chosen, dist)
     if before_training and chosen == "int8":
         return qmodel  # decided once QAT has trained it
     console.print(("[yellow]" if cmp.ratio > 1 else "") + cmp.verdict() + ("[/]" if cmp.ratio > 1 else ""))
-    record_precision(ctx, cmp, cfg.precision, chosen, why, cfg.budget() if auto else None)
+    record_precision(ctx, cmp, cfg.ship_precision, chosen, why, cfg.accuracy_budget if auto else None)
     if not auto:
         return qmodel
-    console.print(f"precision auto: {chosen} ships ({why})")
+    console.print(f"ship_precision auto: {chosen} ships ({why})")
     if chosen == "float":
         ctx.metrics.update(top1=cmp.float_top1, shipped="float")
         return float_model
     return qmodel
 
 
-def _qat_model(model: nn.Module, cfg: QATConfig, ctx: StageContext) -> tuple[nn.Module, int | None]:
-    """The model QAT starts from: the PTQ stage's calibrated model, or a freshly calibrated one; and the
-    epoch from which BatchNorm statistics are frozen (None: folded from the start)."""
+def _qat_model(model: nn.Module, cfg: QATConfig, ctx: StageContext) -> nn.Module:
+    """The model QAT starts from, BatchNorm folded: the PTQ stage's calibrated model, or a freshly calibrated
+    one."""
     if Q.is_quantized(model):
         ptq_target = Q.quant_spec(model).target
-        if ptq_target != cfg.target:
-            raise EdgecvError(f"qat.target {cfg.target!r} differs from the ptq stage's target {ptq_target!r}")
-        return model, None  # continue from the PTQ stage's calibrated ranges (BatchNorm already folded)
-    freeze_epoch = cfg.freeze_bn_epoch
-    qmodel, stats = _prepare(model, cfg, ctx, freeze_bn=freeze_epoch in (None, 0))
+        if ptq_target != cfg.backend:
+            raise EdgecvError(f"qat.backend {cfg.backend!r} differs from the ptq stage's backend {ptq_target!r}")
+        return model  # continue from the PTQ stage's calibrated ranges (BatchNorm already folded)
+    qmodel, stats = _prepare(model, cfg, ctx, freeze_bn=True)
     if stats is not None:
         Q.apply_calibrator(qmodel, stats, cfg.calibrator, **cfg.calibrator_options(cfg.calibrator))
     share_ranges(qmodel, ctx)
-    return qmodel, freeze_epoch
+    return qmodel
 
 
 @stage(QATConfig, "INT8 quantization-aware training from calibrated ranges")
 def qat_stage(model: nn.Module, cfg: QATConfig, ctx: StageContext) -> nn.Module:
     torch.manual_seed(ctx.recipe.seed + ctx.index)
-    qmodel, freeze_epoch = _qat_model(model, cfg, ctx)
+    qmodel = _qat_model(model, cfg, ctx)
     float_model = model if not Q.is_quantized(model) else ctx.load("parent")
-    if cfg.precision == "auto":  # speed does not change with training: a float win needs no QAT
+    if cfg.ship_precision == "auto":  # speed does not change with training: a float win needs no QAT
         shipped = _ship(float_model, qmodel, cfg, ctx, int8_top1=None, before_training=True)
         if shipped is float_model:
-            ctx.metrics.update(epochs=0, target=cfg.target, accuracy_backend="onnxruntime")
+            ctx.metrics.update(epochs=0, target=cfg.backend, accuracy_backend="onnxruntime")
             return float_model
     Q.set_learnable_ranges(qmodel, cfg.learnable_ranges)
 
-    def freeze_bn_at(epoch: int, m: nn.Module) -> None:
-        if freeze_epoch and epoch == freeze_epoch:
-            Q.freeze_bn_stats(m)
-            console.print(f"qat: BatchNorm statistics frozen from epoch {epoch + 1}")
-
     train_cfg = cfg.merged(ctx.recipe.train)
-    result = run_fit(qmodel, train_cfg, ctx, "qat", distillation(cfg, ctx, train_cfg), epoch_hook=freeze_bn_at)
+    result = run_fit(qmodel, train_cfg, ctx, "qat", distillation(cfg, ctx, train_cfg))
     qmodel = qmodel.cpu().eval()
-    if freeze_epoch is not None and freeze_epoch >= cfg.epochs:
-        Q.freeze_bn_stats(qmodel)
     if _dist(ctx).is_main:  # the others' metrics are not written anywhere
         acc = onnx_accuracy(qmodel, ctx)
         ctx.metrics.update(top1=round(acc["top1"], 3), top5=round(acc["top5"], 3), accuracy_backend="onnxruntime")
-    ctx.metrics.update(torch_top1=result["top1"], epochs=result["epochs"], target=cfg.target)
+    ctx.metrics.update(torch_top1=result["top1"], epochs=result["epochs"], target=cfg.backend)
     if result.get("history"):
         ctx.metrics["history"] = result["history"]
     return _ship(float_model, qmodel, cfg, ctx, int8_top1=ctx.metrics["top1"])

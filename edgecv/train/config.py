@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, create_model, model_validator
 
@@ -16,6 +16,9 @@ class TrainConfig(Strict):
     images (per-process batch x processes x grad_accum) when `lr_scale` is linear or sqrt; with
     `lr_scale: none` it is used as written, whatever the batch."""
 
+    removed: ClassVar[dict[str, str]] = {
+        "cudnn_benchmark": "cuDNN always picks its fastest kernels on CUDA (leave the key out)",
+    }
     epochs: int = Field(8, ge=0)
     optimizer: Literal["sgd", "adamw", "rmsprop"] = "sgd"
     lr: float = Field(0.1, gt=0.0)
@@ -26,7 +29,8 @@ class TrainConfig(Strict):
     nesterov: bool = True
     weight_decay: float = Field(5e-4, ge=0.0)
     schedule: Literal["cosine", "onecycle", "constant", "step"] = "cosine"
-    step_epochs: float | None = Field(None, gt=0.0, description="step schedule: multiply lr by gamma every N epochs")
+    step_epochs: float | None = Field(
+        None, gt=0.0, description="schedule step (only): multiply lr by gamma every N epochs; null for the others")
     gamma: float = Field(0.1, gt=0.0, le=1.0, description="step schedule: the factor")
     warmup_epochs: float = Field(0.0, ge=0.0)
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
@@ -35,17 +39,16 @@ class TrainConfig(Strict):
         "bfloat16", description="float16 adds a gradient scaler; bfloat16 needs Ampere or newer")
     channels_last: bool = Field(False, description="NHWC memory layout (faster convolutions on tensor cores)")
     compile: bool = Field(False, description="torch.compile the training model (minutes of compiling first)")
-    cudnn_benchmark: bool = Field(True, description="CUDA: let cuDNN pick the fastest kernels for fixed shapes")
-    ema_decay: float | None = Field(None, ge=0.0, lt=1.0, description="keep an exponential moving average "
-                                    "of the weights with this decay per update, evaluate and keep it (0: off, "
-                                    "for a stage whose recipe's train section has one)")
+    ema_decay: float = Field(0.0, ge=0.0, lt=1.0, description="keep an exponential moving average of the "
+                             "weights with this decay per update, evaluate and keep it (0: off)")
     ema_steps: int = Field(1, ge=1, description="optimizer steps between EMA updates")
     grad_accum: int = Field(1, ge=1, description="batches whose gradients are summed before each step")
-    grad_clip: float | None = Field(None, gt=0.0)
+    grad_clip: float = Field(0.0, ge=0.0, description="clip the gradients' global norm to this (0: off)")
     bn_momentum: float | None = Field(
         None, gt=0.0, le=1.0,
-        description="set every BatchNorm's momentum before training; torchvision builds MobileNetV3 and "
-        "EfficientNet with 0.01, too slow for a schedule of a few hundred steps (0.1: torch's default)",
+        description="set every BatchNorm's momentum before training (null: keep the model's own); torchvision "
+        "builds MobileNetV3 and EfficientNet with 0.01, too slow for a schedule of a few hundred steps (0.1: "
+        "torch's default)",
     )  # fmt: skip
 
     @model_validator(mode="after")
@@ -77,6 +80,9 @@ class TrainOverrides(
     create_model("_TrainOverrideFields", __base__=Strict, **_optional_fields(TrainConfig, epochs=2))  # type: ignore[misc]
 ):
     """Training settings of a later stage; a key left out is taken from the recipe's `train` section."""
+
+    renamed: ClassVar[dict[str, str]] = TrainConfig.renamed
+    removed: ClassVar[dict[str, str]] = TrainConfig.removed
 
     def merged(self, base: TrainConfig) -> TrainConfig:
         fields = {k: v for k, v in self.model_dump().items() if k in TrainConfig.model_fields and v is not None}

@@ -176,7 +176,7 @@ def wrap_for_training(s: TrainSession) -> None:
     if s.cfg.compile:
         s.train_model = torch.compile(s.train_model)
     if is_cuda(s.device):
-        torch.backends.cudnn.benchmark = s.cfg.cudnn_benchmark
+        torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN picks its fastest kernels
 
 
 def finish_session(s: TrainSession, success: bool) -> None:
