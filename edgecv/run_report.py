@@ -181,12 +181,12 @@ def _sections(manifest: dict, files: dict, recipe: Recipe) -> ReportSections:
 
 
 def _precision_notes(stage_dir: str, precision: dict | None) -> list[str]:
-    """The one-line verdict when INT8 is slower than float here, and what precision auto shipped."""
+    """The one-line verdict when INT8 is slower than float here, and what ship_precision auto shipped."""
     if not precision:
         return []
     notes = [f"{stage_dir}: {precision['verdict']}"] if precision.get("ratio", 0) > 1 else []
     if precision.get("requested") == "auto":
-        notes.append(f"{stage_dir}: precision auto shipped the {precision['chosen']} model ({precision['why']})")
+        notes.append(f"{stage_dir}: ship_precision auto shipped the {precision['chosen']} model ({precision['why']})")
     return notes
 
 

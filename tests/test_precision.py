@@ -52,6 +52,18 @@ def _run(recipe: dict, out, time_ms, capsys) -> tuple[str, dict]:
     return capsys.readouterr().out, ptq
 
 
+def assert_float_shipped(run) -> None:
+    """What a user finds when ship_precision auto shipped float: no INT8 file, the verdict in the export's
+    metadata, report.md and report.json."""
+    assert (run / "export" / "model.onnx").exists() and not (run / "export" / "model.int8.onnx").exists()
+    metadata = json.loads((run / "export" / "metadata.json").read_text())
+    assert metadata["precision"]["chosen"] == "float" and VERDICT.search(metadata["precision"]["verdict"])
+    report = (run / "report.md").read_text()
+    assert VERDICT.search(report) and "ship_precision auto shipped the float model" in report
+    notes = json.loads((run / "report.json").read_text())["notes"]
+    assert any("ship_precision auto shipped the float model" in n for n in notes)
+
+
 def test_int8_measured_slower_prints_the_verdict_and_auto_ships_float(tmp_path, capsys):
     """The verdict and `precision: auto` on injected times, through the real stages (ptq, export, report)."""
     out, calls = tmp_path / "runs", []
@@ -67,12 +79,7 @@ def test_int8_measured_slower_prints_the_verdict_and_auto_ships_float(tmp_path, 
     assert decision["float_top1"] is not None and decision["int8_top1"] is not None
     assert ptq["quantized"] is False  # the stage's model is the float one
     run = out / "slow-int8"
-    assert (run / "export" / "model.onnx").exists() and not (run / "export" / "model.int8.onnx").exists()
-    metadata = json.loads((run / "export" / "metadata.json").read_text())
-    assert metadata["precision"]["chosen"] == "float" and VERDICT.search(metadata["precision"]["verdict"])
-    report = (run / "report.md").read_text()
-    assert VERDICT.search(report) and "precision auto shipped the float model" in report
-    assert any("precision auto shipped the float model" in n for n in json.loads((run / "report.json").read_text())["notes"])
+    assert_float_shipped(run)
 
     # precision int8 (the default) on the same times: the verdict again, and INT8 ships
     stdout, ptq = _run({**SLOW_INT8, "stages": FORCED_INT8}, out, fixed_times(2.0, 1.0, calls), capsys)
@@ -89,7 +96,7 @@ def test_int8_measured_slower_prints_the_verdict_and_auto_ships_float(tmp_path, 
     assert not VERDICT.search(stdout) and "precision auto: int8 ships (int8 is 2.00x as fast as float" in stdout
     assert ptq["metrics"]["precision"]["chosen"] == "int8" and ptq["quantized"] is True
     assert (run / "export" / "model.int8.onnx").exists()
-    assert "precision auto shipped the float model" not in (run / "report.md").read_text()
+    assert "ship_precision auto shipped the float model" not in (run / "report.md").read_text()
 
 
 @pytest.mark.slow  # real timing: INT8 must be measured slower than float on a tiny net (noise can say otherwise)
@@ -107,12 +114,7 @@ def test_int8_slower_than_float_prints_the_verdict_and_auto_ships_float(tmp_path
     assert decision["chosen"] == "float" and decision["requested"] == "auto" and decision["ratio"] > 1
     assert decision["float_top1"] is not None and decision["int8_top1"] is not None
     assert ptq["quantized"] is False  # the stage's model is the float one
-    assert (run / "export" / "model.onnx").exists() and not (run / "export" / "model.int8.onnx").exists()
-    metadata = json.loads((run / "export" / "metadata.json").read_text())
-    assert metadata["precision"]["chosen"] == "float" and VERDICT.search(metadata["precision"]["verdict"])
-    report = (run / "report.md").read_text()
-    assert VERDICT.search(report) and "precision auto shipped the float model" in report
-    assert any("precision auto shipped the float model" in n for n in json.loads((run / "report.json").read_text())["notes"])
+    assert_float_shipped(run)
 
     # precision int8 (the default) on the same model: the verdict again, and INT8 ships
     forced = {**SLOW_INT8, "stages": [{"ptq": {"compare": ["max"], "calib_batches": 2}}, {"export": {"parity_samples": 64}}]}

@@ -40,7 +40,7 @@ class StageContext:
     float_parent: Path | None = None  # the last float model (what INT8 is compared with)
     dist: DistInfo | None = None
     metrics: dict = field(default_factory=dict)
-    # INT8 against float timing for the verdict and `precision: auto` (None: measured in ONNX Runtime;
+    # INT8 against float timing for the verdict and `ship_precision: auto` (None: measured in ONNX Runtime;
     # see edgecv.stages.precision.TimePrecisions); a test gives one that returns chosen times
     time_precisions: Callable | None = None
 

@@ -178,7 +178,7 @@ def export_stage(model: nn.Module, cfg: ExportConfig, ctx: StageContext) -> nn.M
         files.update(_frame_files(out, files, float_model, model if quantized else None, ctx, samples))
     if cfg.build_engine:
         files["model.engine"] = _engine(out, files, cfg, ctx)
-    precision = shipped_precision(ctx)  # INT8 against float on the target, and what ships (precision: auto)
+    precision = shipped_precision(ctx)  # INT8 against float on the target, and what ships (ship_precision: auto)
     if precision is not None and not quantized and precision["chosen"] == "float":
         console.print(f"exporting the float model only: {precision['why']}")
     write_json(out / METADATA, {

@@ -1,6 +1,6 @@
 """INT8 or float, measured: both models exported to ONNX and timed on the target (ONNX Runtime) at the
 deployment batch with the one measurement path (`edgecv.bench.measure`, in blocks), a one-line verdict when
-INT8 is the slower (with the reason the INT8 graph shows), and, for `precision: auto`, the choice of the
+INT8 is the slower (with the reason the INT8 graph shows), and, for `ship_precision: auto`, the choice of the
 faster one within an accuracy budget. The choice is written to the stage folder (`precision.json`), where the
 export stage and the report read it."""
 
@@ -25,7 +25,7 @@ PRECISION_FILE = "precision.json"
 TIMING = {"warmup": 5, "rounds": 3}  # a short timing in blocks: enough to tell 10 % apart ...
 MIN_RUNS, MAX_RUNS, BLOCK_S = 20, 2000, 0.1  # ... given blocks of >= BLOCK_S each (a tiny model: many runs)
 # (runners by format: "onnx" float, "onnx-int8"; input shape; batch) -> median ms by format. The verdict and
-# `precision: auto` decide on what it returns; a test passes one that returns the times it chooses.
+# `ship_precision: auto` decide on what it returns; a test passes one that returns the times it chooses.
 TimePrecisions = Callable[[dict[str, Callable], tuple[int, int, int], int], dict[str, float]]
 _FRIENDLY_OPS = {"HardSigmoid": "hard-sigmoid", "HardSwish": "hard-swish", "Erf": "GELU (Erf)",
                  "ReduceMean": "mean", "Tanh": "tanh", "Softplus": "softplus"}  # fmt: skip

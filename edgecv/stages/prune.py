@@ -65,7 +65,7 @@ def latency_measurer(cfg: PruneConfig, example_input: torch.Tensor, runs: int = 
                 if cfg.backend != "torch":
                     runner_input = export_onnx(target, Path(tmp) / f"candidate{i}.onnx", example_input[:1])
                 elif cfg.measure_precision == "int8":
-                    raise ValueError("prune.precision int8 is measured in ONNX Runtime, not torch")
+                    raise ValueError("prune.measure_precision int8 is measured in ONNX Runtime, not torch")
                 runner = create_runner(cfg.backend, runner_input, threads=threads)
                 subjects.append(Subject(model=f"candidate {i}", runner=runner, format=cfg.backend))
             settings = BenchSettings((cfg.batch_size,), SEARCH_WARMUP, runs, rounds, accuracy=False, memory=False,
