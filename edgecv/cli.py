@@ -157,7 +157,7 @@ def export(model: Annotated[Path, typer.Argument(help="edgecv checkpoint (.pt) f
 
     from edgecv.checkpoint import model_from_checkpoint
     from edgecv.export.class_names import stamp_class_names
-    from edgecv.export.frames import INPUT_KINDS, UINT8_NHWC
+    from edgecv.export.normalization import INPUT_KINDS, UINT8_NHWC
     from edgecv.export.onnx import check_parity, export_onnx, model_size_bytes
     from edgecv.model_files import check_paths, read_checkpoint_once
 

@@ -19,7 +19,7 @@ from edgecv.bench.measure import Subject
 from edgecv.bench.runners import ENGINE_SUFFIXES, create_runner, input_kind
 from edgecv.errors import EdgecvError
 from edgecv.export.class_names import class_names_in
-from edgecv.export.frames import UINT8_NHWC, Normalization, normalization_in
+from edgecv.export.normalization import UINT8_NHWC, Normalization, normalization_in
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth")
 

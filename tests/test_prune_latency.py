@@ -75,7 +75,7 @@ def test_target_latency_lands_within_ten_percent():
 def test_the_onnxruntime_measurer_times_each_candidate(precision):
     """The real measurer (export, INT8 Q/DQ for int8, ONNX Runtime blocks) gives one time per model."""
     model = small_model()
-    cfg = PruneConfig(target_latency_ms=1.0, precision=precision, importance="l1")
+    cfg = PruneConfig(target_latency_ms=1.0, measure_precision=precision, importance="l1")
     half = prune_model(model, cfg.model_copy(update={"target_latency_ms": None, "ratio": 0.5}), EXAMPLE)[0]
     times = latency_measurer(cfg, EXAMPLE, runs=5, rounds=1, threads=1)([copy.deepcopy(model), half])
     assert len(times) == 2 and all(math.isfinite(ms) and ms > 0 for ms in times)

@@ -23,7 +23,7 @@ from edgecv.bench.latency import LatencyStats, benchmark_blocks, input_batch
 from edgecv.bench.memory import peak_memory_mb
 from edgecv.bench.runners import Runner, input_kind
 from edgecv.errors import EdgecvError
-from edgecv.export.frames import UINT8_NHWC, Normalization
+from edgecv.export.normalization import UINT8_NHWC, Normalization
 
 
 @dataclass

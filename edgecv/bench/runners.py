@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import numpy as np
 
 from edgecv.errors import EdgecvError
-from edgecv.export.frames import FLOAT_NCHW, UINT8_NHWC, Normalization, normalization_in
+from edgecv.export.normalization import FLOAT_NCHW, UINT8_NHWC, Normalization, normalization_in
 from edgecv.registry import Registry
 
 if TYPE_CHECKING:

@@ -26,7 +26,7 @@ from edgecv.compress.quantize import PROFILES, float_structure, is_quantized, qu
 from edgecv.config import Strict, registry_choice
 from edgecv.console import console
 from edgecv.errors import EdgecvError
-from edgecv.export.frames import FLOAT_NCHW, UINT8_NHWC
+from edgecv.export.normalization import FLOAT_NCHW, UINT8_NHWC
 from edgecv.io import write_json
 from edgecv.stages.base import StageConfig, StageContext, stage
 from edgecv.stages.precision import shipped_precision
@@ -62,7 +62,7 @@ class EngineConfig(Strict):
 
 
 def _input_kinds():
-    from edgecv.export.frames import INPUT_KINDS
+    from edgecv.export.normalization import INPUT_KINDS
 
     return INPUT_KINDS
 
