@@ -20,7 +20,7 @@ PACKAGE = ROOT / "edgecv"
 
 ORDER = [
     ["errors", "__init__"],
-    ["registry", "io", "console", "device"],
+    ["registry", "io", "console", "device", "sqnr"],
     ["config"],
     ["data"],
     ["models"],

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-SQNR_CAP_DB = 99.0  # identical logits (a finite number: reports are JSON)
+from edgecv.sqnr import ratio_db, sqnr_db
 
 # The INT8 export gate: every class's logits keep this SQNR against the fake-quant torch model (a broken
 # scale or two swapped class outputs give 5 dB or less, a faithful INT8 graph 15-40 dB), and the samples
@@ -28,22 +28,6 @@ FRAME_MIN_SQNR_DB = 30.0
 SIMULATION_MIN_SQNR_DB = 60.0
 
 
-def _ratio_db(signal: np.ndarray, noise: np.ndarray) -> float:
-    power = float(np.sum(np.square(signal, dtype=np.float64)))
-    error = float(np.sum(np.square(noise, dtype=np.float64)))
-    if error == 0.0:
-        return SQNR_CAP_DB
-    if power == 0.0:
-        return -SQNR_CAP_DB
-    return float(min(10.0 * np.log10(power / error), SQNR_CAP_DB))
-
-
-def sqnr_db(reference: np.ndarray, got: np.ndarray) -> float:
-    """Signal-to-quantization-noise ratio of `got` against `reference`, in dB, within +-SQNR_CAP_DB."""
-    reference = np.asarray(reference, np.float64)
-    return _ratio_db(reference, reference - np.asarray(got, np.float64))
-
-
 def logit_agreement(expected: np.ndarray, got: np.ndarray) -> dict:
     """How closely `got` logits follow `expected` (n samples x classes), by measures that near-ties do not
     sway: SQNR of the logits centred per sample (overall, and of the class that strays most), and top-1
@@ -62,7 +46,7 @@ def logit_agreement(expected: np.ndarray, got: np.ndarray) -> dict:
         "sqnr_db": round(sqnr_db(signal, centred), 2),
         # the class whose logit strays most, against the average class's signal (a class whose logit sits
         # near the sample mean has little centred signal of its own and must not count as noisy)
-        "worst_class_sqnr_db": round(_ratio_db(signal / np.sqrt(signal.shape[1]), worst), 2),
+        "worst_class_sqnr_db": round(ratio_db(signal / np.sqrt(signal.shape[1]), worst), 2),
         "noise": noise,
         "top1_agreement": float(np.mean(same)),
         "decided": int(decided.sum()),

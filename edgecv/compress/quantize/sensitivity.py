@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -14,16 +13,9 @@ from edgecv.compress.quantize.fakequant import QuantConv2d, QuantLinear
 from edgecv.compress.quantize.placer import place_layer_inputs
 from edgecv.compress.quantize.spec import QuantSpec
 from edgecv.errors import EdgecvError
+from edgecv.sqnr import sqnr_db
 
 METRICS = ("sqnr", "accuracy")
-
-
-def _sqnr_db(reference: torch.Tensor, output: torch.Tensor) -> float:
-    noise = float(((reference - output) ** 2).sum())
-    signal = float((reference**2).sum())
-    if noise == 0.0:
-        return math.inf
-    return 10.0 * math.log10(max(signal, 1e-30) / noise)
 
 
 def layer_sensitivity(
@@ -66,7 +58,7 @@ def layer_sensitivity(
         if have_labels:
             top1 = float((out.argmax(1) == torch.cat(labels)).float().mean()) * 100
             top1_drop = ref_top1 - top1
-        rows.append({"layer": name, "sqnr_db": _sqnr_db(ref_all, out), "top1_drop": top1_drop})
+        rows.append({"layer": name, "sqnr_db": sqnr_db(ref_all.numpy(), out.numpy()), "top1_drop": top1_drop})
     if metric == "accuracy":
         if not have_labels:
             raise EdgecvError("sensitivity metric 'accuracy' needs eval batches of (images, labels)")
