@@ -10,6 +10,7 @@ import torch
 from torch import fx, nn
 
 from edgecv.compress.quantize.graph import fold_and_swap, sanitize, trace
+from edgecv.compress.quantize.norm_act import split_norm_act
 from edgecv.compress.quantize.placer import Placer
 from edgecv.compress.quantize.spec import QuantSpec
 from edgecv.compress.quantize.targets import PROFILES
@@ -42,7 +43,9 @@ def build_quantized(
             f"(layers: {', '.join(known[:6])}{', ...' if len(known) > 6 else ''})"
         )
     was_training = model.training
-    gm = trace(copy.deepcopy(model).eval())
+    work = copy.deepcopy(model).eval()
+    split_norm_act(work)  # timm's BatchNormAct2d: a BatchNorm2d leaf that folds into its conv
+    gm = trace(work)
     sanitize(gm)
     fold_and_swap(gm, set(spec.skip_layers), spec.freeze_bn)
     placer = Placer(gm, profile.act_symmetric, example_input)
