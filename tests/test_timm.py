@@ -14,7 +14,7 @@ import pytest
 timm = pytest.importorskip("timm")
 
 import torch  # noqa: E402
-from conftest import run_cli  # noqa: E402
+from conftest import ROOT, run_cli  # noqa: E402
 from image_files import make_image_folder  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -24,6 +24,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 SIZE = 64
 CLASSES = ("cat", "dog", "emu")
+README_COMMAND = ("edgecv compress deploy --set model.name=timm:mobilenetv4_conv_small "
+                  "--set model.weights=model_best.pth.tar --data my_images/")
 
 
 def _build(name: str, classes: int = 5) -> nn.Module:
@@ -183,16 +185,18 @@ def test_batchnorm_act_split_keeps_the_activation_and_the_numbers():
 
 # ------------------------------------------------------------------------------------------ the CLI
 def test_compress_a_timm_model_from_its_weights(tmp_path):
-    """`edgecv compress deploy` with a timm model and a timm checkpoint: the run's data section is the
-    model's pretrained_cfg, and the INT8 file has no float BatchNormalization."""
+    """The README's command, made small (PTQ and export only): a timm checkpoint loads, the run's data section
+    is the model's pretrained_cfg, and the INT8 file has no float BatchNormalization."""
     images = make_image_folder(tmp_path / "images", CLASSES, per_class=2, val_per_class=2)
-    weights = tmp_path / "mine.pth"
+    weights = tmp_path / "model_best.pth.tar"
     torch.save({"state_dict_ema": _build("mobilenetv4_conv_small", classes=len(CLASSES)).state_dict()}, weights)
-    sets = ["model.name=timm:mobilenetv4_conv_small", f"model.weights={weights}", f"data.image_size={SIZE}",
+    assert README_COMMAND in (ROOT / "README.md").read_text()
+    args = README_COMMAND.replace("model_best.pth.tar", str(weights)).replace("my_images/", str(images)).split()[1:]
+    sets = [f"data.image_size={SIZE}",
             "data.batch_size=4", "stages=[{ptq: {calib_batches: 1, compare: [max]}}, {export: {parity_samples: 4}}]", "bench.backends=[torch]",
             "bench.batch_sizes=[1]", "bench.warmup=0", "bench.runs=1", "bench.rounds=1"]
-    proc = run_cli("compress", "deploy", "--data", str(images), "--out", str(tmp_path / "runs"), "--device", "cpu",
-                   *[a for s in sets for a in ("--set", s)], env={"OMP_NUM_THREADS": "1"})
+    proc = run_cli(*args, "--out", str(tmp_path / "runs"), "--device", "cpu", *[a for s in sets for a in ("--set", s)],
+                   env={"OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     export = tmp_path / "runs" / "deploy" / "export"
     meta = json.loads((export / "metadata.json").read_text())
