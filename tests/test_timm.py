@@ -190,7 +190,8 @@ def test_compress_a_timm_model_from_its_weights(tmp_path):
     images = make_image_folder(tmp_path / "images", CLASSES, per_class=2, val_per_class=2)
     weights = tmp_path / "model_best.pth.tar"
     torch.save({"state_dict_ema": _build("mobilenetv4_conv_small", classes=len(CLASSES)).state_dict()}, weights)
-    assert README_COMMAND in (ROOT / "README.md").read_text()
+    section = (ROOT / "README.md").read_text().split("### A timm model", 1)[1].split("\n## ", 1)[0]
+    assert [ln.strip() for ln in section.splitlines() if ln.strip().startswith("edgecv ")] == [README_COMMAND]
     args = README_COMMAND.replace("model_best.pth.tar", str(weights)).replace("my_images/", str(images)).split()[1:]
     sets = [f"data.image_size={SIZE}",
             "data.batch_size=4", "stages=[{ptq: {calib_batches: 1, compare: [max]}}, {export: {parity_samples: 4}}]", "bench.backends=[torch]",
