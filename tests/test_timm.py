@@ -165,6 +165,30 @@ def test_no_float_batchnorm_in_the_int8_file(name, tmp_path):
     assert ops["BatchNormalization"] == 0, ops
 
 
+def test_a_float_batchnorm_after_a_conv_is_a_lint_finding(tmp_path, monkeypatch):
+    """Without the BatchNormAct2d split (as before) every BatchNorm stays in float after its conv: the lint
+    names each one, for every target; with it, none."""
+    from edgecv.compress.quantize import apply_calibrator, collect_stats, prepare_qat
+    from edgecv.export.lint import inspect_onnx
+    from edgecv.export.onnx import export_onnx
+
+    model, x = _build("mobilenetv4_conv_small"), _batch()
+
+    def int8_file(name: str):
+        qmodel = prepare_qat(model, "onnxruntime", x[:1])
+        apply_calibrator(qmodel, collect_stats(qmodel, [x]), "max")
+        return export_onnx(qmodel.eval(), tmp_path / name, x[:1])
+
+    monkeypatch.setattr("edgecv.compress.quantize.build.split_norm_act", lambda m: 0)
+    unsplit = int8_file("unsplit.onnx")
+    monkeypatch.undo()
+    assert _onnx_ops(unsplit)["BatchNormalization"] == 46
+    for target in ("onnxruntime", "tensorrt"):
+        found = [v for v in inspect_onnx(unsplit, target)["violations"] if v.startswith("BatchNormalization")]
+        assert len(found) == 46 and "after Conv" in found[0] and "not folded" in found[0]
+    assert not [v for v in inspect_onnx(int8_file("split.onnx"), "onnxruntime")["violations"] if "BatchNorm" in v]
+
+
 def test_batchnorm_act_split_keeps_the_activation_and_the_numbers():
     from timm.layers import BatchNormAct2d
 
