@@ -125,6 +125,30 @@ def test_mobileone_is_fused_with_a_parity_check():
     assert sqnr_db(before, after) > 40
 
 
+def test_mobileone_is_fused_then_pruned_and_its_checkpoints_rebuild(tmp_path):
+    """torch-pruning cannot follow MobileOne's train-time branches (fusing the pruned train-time form fails), so
+    it is fused first; the checkpoints of the fused, pruned float model and of its INT8 model rebuild."""
+    from edgecv.checkpoint import load_model, save_model
+    from edgecv.compress.prune import PruneConfig, prune_model
+    from edgecv.compress.quantize import prepare_qat, reparam_check
+    from edgecv.compress.reparam import reparameterize, was_reparameterized
+    from edgecv.models.spec import ModelSpec
+
+    spec = ModelSpec("timm:mobileone_s0", 5, 3, SIZE)
+    x = _batch(2)
+    fused, check = reparameterize(_build("mobileone_s0"), x[:1])
+    pruned, info = prune_model(fused, PruneConfig(ratio=0.3), x[:1])
+    assert check is not None and was_reparameterized(pruned) and info["macs_after"] < info["macs_before"]
+    assert reparameterize(pruned, x[:1]) == (pruned, None)  # fused already: nothing to do
+    save_model(tmp_path / "float.pt", pruned, spec)
+    qmodel = prepare_qat(pruned, "onnxruntime", x[:1])
+    assert reparam_check(qmodel) is None
+    save_model(tmp_path / "int8.pt", qmodel, spec)
+    with torch.no_grad():
+        for path, original in (("float.pt", pruned.eval()), ("int8.pt", qmodel.eval())):
+            assert torch.equal(load_model(tmp_path / path)[0](x), original(x))
+
+
 def test_a_fusion_that_changes_the_outputs_is_one_error_line():
     from edgecv.compress.reparam import reparameterize
 

@@ -19,6 +19,8 @@ from edgecv.errors import EdgecvError
 
 _HOOKS = ("fuse", "reparameterize", "switch_to_deploy")
 MIN_SQNR_DB = 40.0  # fused vs unfused float outputs: summation order only, far above this
+REPARAM_ATTR = "_edgecv_reparameterized"  # on a float model fused by `reparameterize` (a checkpoint records it)
+PARENT_META_KEY = "edgecv_reparameterized_parent"  # on a fake-quant GraphModule: its float model was fused
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,10 @@ def _fuse_children(module: nn.Module) -> None:
         _fuse_children(getattr(module, name))
 
 
+def _structure(model: nn.Module) -> list[tuple[str, str]]:
+    return [(name, type(m).__name__) for name, m in model.named_modules()]
+
+
 def sqnr_db(reference: torch.Tensor, other: torch.Tensor) -> float:
     """Signal-to-quantization-noise ratio of `other` against `reference`, in dB (inf when equal)."""
     noise = (reference - other).float().pow(2).mean()
@@ -65,6 +71,7 @@ def reparameterize(model: nn.Module, example_input: torch.Tensor,
     blocks = reparameterizable_blocks(model)
     if not blocks:
         return model, None
+    structure = _structure(model)
     fused = model if inplace else copy.deepcopy(model)
     was_training = model.training
     batch = torch.randn((2, *example_input.shape[1:]), generator=torch.Generator().manual_seed(0))
@@ -74,8 +81,20 @@ def reparameterize(model: nn.Module, example_input: torch.Tensor,
         _fuse_children(fused.eval())
         after = fused(batch)
     model.train(was_training)
+    if _structure(fused) == structure:  # fused already (a pruned MobileOne): nothing changed
+        return model, None
+    setattr(fused, REPARAM_ATTR, True)
     check = ReparamCheck(len(blocks), float((before - after).abs().max()), sqnr_db(before, after))
     if check.sqnr_db < MIN_SQNR_DB:
         raise EdgecvError(f"reparameterize: the fused {type(model).__name__} disagrees with the unfused one "
                           f"(SQNR {check.sqnr_db:.1f} dB < {MIN_SQNR_DB:.0f}, max abs diff {check.max_abs_diff:.3g})")
     return fused.train(was_training), check
+
+
+def was_reparameterized(model: nn.Module) -> bool:
+    """Whether `model` (or the float model a fake-quant model was made from) was fused by `reparameterize`:
+    its structure is the fused one, which a checkpoint rebuild must fuse again before the shapes apply."""
+    meta = getattr(model, "meta", None)
+    if isinstance(meta, dict) and PARENT_META_KEY in meta:
+        return bool(meta[PARENT_META_KEY])
+    return bool(getattr(model, REPARAM_ATTR, False))

@@ -14,7 +14,7 @@ from edgecv.compress.quantize.norm_act import split_norm_act
 from edgecv.compress.quantize.placer import Placer
 from edgecv.compress.quantize.spec import QuantSpec
 from edgecv.compress.quantize.targets import PROFILES
-from edgecv.compress.reparam import reparameterize
+from edgecv.compress.reparam import PARENT_META_KEY, reparameterize, was_reparameterized
 from edgecv.compress.surgery import SURGERY_META_KEY, surgery_of
 from edgecv.errors import EdgecvError
 from edgecv.models.shapes import model_shapes
@@ -58,6 +58,7 @@ def build_quantized(
     gm.meta[FLOAT_SHAPES_KEY] = model_shapes(model)  # what a checkpoint rebuilds before re-quantizing
     gm.meta[SURGERY_META_KEY] = surgery_of(model)  # ... after applying the surgeries again
     gm.meta[REPARAM_META_KEY] = reparam.to_dict() if reparam else None  # the fused-vs-unfused check
+    gm.meta[PARENT_META_KEY] = was_reparameterized(model)  # fused before pruning: rebuilt fused
     with torch.no_grad():
         gm(example_input)  # fail here, not in the training loop, when the graph is broken
     return gm.train(was_training)
