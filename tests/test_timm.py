@@ -255,6 +255,32 @@ def test_compress_a_timm_model_from_its_weights(tmp_path):
     assert _onnx_ops(export / "model.int8.onnx")["BatchNormalization"] == 0
 
 
+def test_compress_prunes_mobileone_after_fusing_it(tmp_path):
+    """prune -> PTQ -> export of timm's MobileOne: fused before pruning (the stage's metrics say so), and the
+    INT8 file has neither BatchNormalization nor the train-time branches (one Conv per fused conv)."""
+    images = make_image_folder(tmp_path / "images", CLASSES, per_class=2, val_per_class=2)
+    stages = ("stages=[{prune: {ratio: 0.25}}, {ptq: {calib_batches: 1, compare: [max]}}, "
+              "{export: {parity_samples: 4}}]")
+    sets = ["model.name=timm:mobileone_s0", f"data.image_size={SIZE}", "data.batch_size=4", stages,
+            "bench.backends=[torch]", "bench.batch_sizes=[1]", "bench.warmup=0", "bench.runs=1", "bench.rounds=1"]
+    proc = run_cli("compress", "deploy", "--data", str(images), "--out", str(tmp_path / "runs"), "--device", "cpu",
+                   *[a for s in sets for a in ("--set", s)], env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run = tmp_path / "runs" / "deploy"
+    manifest = json.loads((run / "manifest.json").read_text())
+    prune = next(e for e in manifest["stages"] if e["name"].endswith("prune"))
+    assert prune["metrics"]["reparameterized"]["note"] == "fused before pruning"
+    fused_convs = sum(isinstance(m, nn.Conv2d) for m in reparameterize_copy("mobileone_s0").modules())
+    ops = _onnx_ops(run / "export" / "model.int8.onnx")
+    assert ops["BatchNormalization"] == 0 and ops["Conv"] == fused_convs
+
+
+def reparameterize_copy(name: str) -> nn.Module:
+    from edgecv.compress.reparam import reparameterize
+
+    return reparameterize(_build(name), _batch(1))[0]
+
+
 def test_compress_an_unknown_timm_name_is_one_line(tmp_path):
     images = make_image_folder(tmp_path / "images", CLASSES, per_class=1)
     proc = run_cli("compress", "deploy", "--set", "model.name=timm:efficientnet_lite00", "--data", str(images),
