@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from edgecv.compress.quantize import QuantSpec, float_structure, is_quantized, quant_spec
+from edgecv.compress.reparam import reparameterize, was_reparameterized
 from edgecv.compress.surgery import SurgerySpec, apply_surgeries, surgery_of
 from edgecv.errors import EdgecvError
 from edgecv.io import atomic_torch_save
@@ -36,6 +37,7 @@ class Checkpoint:
     quant: QuantSpec | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     surgery: tuple[SurgerySpec, ...] = ()  # applied to the built model, in order, before the shapes
+    reparameterized: bool = False  # MobileOne & co. fused (before pruning): fused again before the shapes
 
 
 def save_model(path: Path, model: nn.Module, spec: ModelSpec, meta: dict | None = None) -> None:
@@ -50,6 +52,7 @@ def save_model(path: Path, model: nn.Module, spec: ModelSpec, meta: dict | None 
             "shapes": float_structure(model) if quant is not None else model_shapes(model),
             "quant": quant.to_dict() if quant is not None else None,
             "surgery": [s.to_dict() for s in surgery_of(model)],
+            "reparameterized": was_reparameterized(model),
             "meta": meta or {},
             "state_dict": {k: v.detach().cpu() for k, v in state.items()},
             "state_dict_metadata": {k: dict(v) for k, v in metadata.items()} if metadata is not None else None,
@@ -80,6 +83,7 @@ def checkpoint_header(ckpt: dict, path: Path | str = "checkpoint") -> Checkpoint
         quant=QuantSpec.from_dict(quant) if quant is not None else None,
         meta=ckpt.get("meta", {}),
         surgery=tuple(SurgerySpec.from_dict(s) for s in ckpt.get("surgery") or ()),
+        reparameterized=bool(ckpt.get("reparameterized", False)),
     )
 
 
@@ -90,6 +94,8 @@ def build_from_header(header: Checkpoint) -> nn.Module:
 
     model = build_model(header.spec.name, weights=None, **header.spec.build_kwargs())
     apply_surgeries(model, header.surgery)
+    if header.reparameterized:
+        model = reparameterize(model, header.spec.example_input(), inplace=True)[0]
     apply_shapes(model, header.shapes)
     if header.quant is not None:
         model = build_quantized(model, header.quant, header.spec.example_input())

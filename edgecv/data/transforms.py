@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from edgecv.data.config import DataConfig
+from edgecv.data.timm_preset import timm_preprocessing
 from edgecv.errors import EdgecvError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -106,10 +107,16 @@ def weights_preprocessing(builder: str, weights: str, image_size: int) -> dict[s
 
 
 def with_weights_preprocessing(cfg: DataConfig, model_name: str, weights: str | None) -> DataConfig:
-    """`cfg` with the preprocessing of the torchvision weights the model starts from, for the keys the
-    recipe left unset (a key the recipe sets wins). Other datasets and models are returned unchanged."""
+    """`cfg` with the preprocessing of the torchvision weights the model starts from, or of a timm model's
+    pretrained_cfg (image size included), for the keys the recipe left unset (a key the recipe sets wins).
+    Other datasets and models are returned unchanged."""
     source, _, builder = model_name.partition(":")
-    if not weights or source != "torchvision" or cfg.dataset != "imagefolder":
+    if cfg.dataset != "imagefolder":
+        return cfg
+    if source == "timm":  # a timm model declares its preprocessing, weights or not
+        preset = timm_preprocessing(builder, cfg.image_size if "image_size" in cfg.model_fields_set else None)
+        return cfg.model_copy(update={k: v for k, v in preset.items() if k == "image_size" or getattr(cfg, k) is None})
+    if not weights or source != "torchvision":
         return cfg
     preset = weights_preprocessing(builder, weights, cfg.image_size)
     return cfg.model_copy(update={k: v for k, v in preset.items() if getattr(cfg, k) is None})

@@ -1,4 +1,5 @@
-"""Model registry: `torchvision:<builder>`, `edgecv:<name>`, or `package.module:factory`.
+"""Model registry: `torchvision:<builder>`, `timm:<name>` (the timm extra), `edgecv:<name>`, or
+`package.module:factory`.
 
 `build_model` returns a float nn.Module adapted to the dataset: input channels, number of classes,
 and (for torchvision nets on images smaller than 64 px) a CIFAR-style stem. `model.weights` is a torchvision
@@ -13,9 +14,11 @@ from collections.abc import Callable
 
 from torch import nn
 
+from edgecv.data.timm_preset import require_timm
 from edgecv.errors import EdgecvError
 from edgecv.models.adapt import adapt_model
 from edgecv.models.small import resnet8, resnet20
+from edgecv.models.timm_models import build_timm, hub_weights_refused
 from edgecv.models.user_weights import WeightsLoad, is_weights_file, load_user_weights
 from edgecv.models.weights import ensure_cached
 from edgecv.registry import Registry
@@ -28,6 +31,8 @@ EDGECV_MODELS.register("resnet20", resnet20)
 def list_models(source: str = "edgecv") -> list[str]:
     if source == "edgecv":
         return [f"edgecv:{n}" for n in EDGECV_MODELS.names()]
+    if source == "timm":
+        return [f"timm:{n}" for n in require_timm("timm:").list_models()]
     import torchvision
 
     return [f"torchvision:{n}" for n in torchvision.models.list_models(module=torchvision.models)]
@@ -82,8 +87,11 @@ def _build(
     source, sep, rest = name.partition(":")
     if not sep or not rest:
         raise EdgecvError(
-            f"model.name {name!r} must be 'torchvision:<builder>', 'edgecv:<name>' or 'package.module:factory'"
+            f"model.name {name!r} must be 'torchvision:<builder>', 'timm:<name>', 'edgecv:<name>' or "
+            "'package.module:factory'"
         )
+    if weights and source == "timm":
+        raise hub_weights_refused(rest, weights)
     if weights and source != "torchvision":
         raise EdgecvError(f"model.weights {weights!r} is not a file, and only torchvision models have named "
                           f"weights: give the path of a state dict (.pt, .pth, .bin, .safetensors) for {name}")
@@ -97,6 +105,8 @@ def _build(
         return factory(**kwargs)
     if width is not None or stem_stride is not None:
         raise EdgecvError(f"model.width and model.stem_stride apply to edgecv nets only, not {name!r}")
+    if source == "timm":
+        return build_timm(rest, num_classes, in_channels, small_input_stem)
     if source == "torchvision":
         model = _torchvision(rest, weights)
         return adapt_model(model, num_classes, in_channels, image_size, small_input_stem)

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 
 class ModelConfig(Strict):
-    name: str = Field(..., description="torchvision:<builder> | edgecv:<name> | package.module:factory")
+    name: str = Field(..., description="torchvision:<builder> | timm:<name> | edgecv:<name> | package.module:factory")
     weights: str | None = Field(
         None, description="a file of your own trained weights (a state dict: .pt, .pth, .bin, .ckpt, "
         ".safetensors), or a torchvision weights enum name, e.g. IMAGENET1K_V1")

@@ -23,6 +23,7 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from edgecv.compress.quantize import PROFILES, float_structure, is_quantized, quant_spec
+from edgecv.compress.reparam import reparameterize
 from edgecv.config import Strict, registry_choice
 from edgecv.console import console
 from edgecv.errors import EdgecvError
@@ -168,6 +169,9 @@ def export_stage(model: nn.Module, cfg: ExportConfig, ctx: StageContext) -> nn.M
     quantized = is_quantized(model)
     float_model = model if not quantized else load_model(ctx.float_parent)[0] if ctx.float_parent else None
     if float_model is not None:
+        float_model, reparam = reparameterize(float_model, ctx.spec.example_input())  # fused, as in the INT8 file
+        if reparam is not None:
+            ctx.metrics["reparameterized"] = reparam.to_dict()
         files["model.onnx"] = _export_checked(float_model, out / "model.onnx", cfg, ctx, samples, int8=False)
     if quantized:
         files["model.int8.onnx"] = _int8_file(model, out, cfg, ctx, samples)

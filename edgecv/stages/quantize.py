@@ -146,6 +146,8 @@ def _prepare(model: nn.Module, cfg: QuantConfig, ctx: StageContext, freeze_bn: b
     skip = Q.resolve_skip_layers(cfg.skip_layers, sens)
     qmodel = Q.prepare_qat(model.cpu().eval(), cfg.backend, ctx.spec.example_input(), skip_layers=skip,
                            freeze_bn=freeze_bn)
+    if Q.reparam_check(qmodel) is not None:  # MobileOne & co. were fused first; the report says so
+        ctx.metrics["reparameterized"] = Q.reparam_check(qmodel)
     stats = None
     if dist.is_main:
         with torch.no_grad():

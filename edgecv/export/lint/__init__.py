@@ -18,6 +18,7 @@ import onnx
 
 from edgecv.errors import EdgecvError
 from edgecv.export.lint.ort_rules import inspect_onnxruntime
+from edgecv.export.lint.qdq_graph import QdqGraph, unfolded_batchnorms
 from edgecv.export.lint.trt_rules import inspect_tensorrt
 from edgecv.registry import Registry
 
@@ -44,9 +45,13 @@ def inspect_onnx(path: Path, target: str) -> dict:
     """Integer vs float ops of `path` as `target` runs it, and placement rule violations.
     Returns {"target", "float_ops": [{"name", "op_type", "reason"}], "int_op_counts", "float_op_counts",
     "qdq_counts", "violations": [str]} (onnxruntime also "float_islands": the connected groups of float ops
-    between integer ones). Op counts count operators; Q/DQ nodes are counted apart."""
+    between integer ones). Op counts count operators; Q/DQ nodes are counted apart. A BatchNormalization
+    after a Conv is a violation for every target (it should have been folded)."""
     inspector = INSPECTORS.get(target)
-    return inspector(Path(path), _load(Path(path)))
+    proto = _load(Path(path))
+    report = inspector(Path(path), proto)
+    report["violations"] += unfolded_batchnorms(QdqGraph(proto.graph))  # every target: fold BN into the conv
+    return report
 
 
 def format_inspect(report: dict):

@@ -100,6 +100,18 @@ class QdqGraph:
         return node if self.quantized(node.input[0]) and self.dq(node.input[1]) is not None else None
 
 
+def unfolded_batchnorms(g: QdqGraph) -> list[str]:
+    """One finding per BatchNormalization that reads a Conv's output (through Q/DQ): it should have been
+    folded into the conv's weights and bias, and runs in float instead."""
+    found = []
+    for node in g.graph.node:
+        conv = g.producer.get(g.source(node.input[0])) if node.op_type == "BatchNormalization" else None
+        if conv is not None and conv.op_type == "Conv":
+            found.append(f"BatchNormalization {node.name or node.output[0]} after Conv {conv.name or conv.output[0]} "
+                         "is not folded into the conv: it runs in float")
+    return found
+
+
 def is_silu(mul: onnx.NodeProto, g: QdqGraph) -> bool:
     """Mul(x, Sigmoid(x)): TensorRT fuses it into the conv that produces x."""
     sources = [g.source(i) for i in mul.input]
