@@ -197,10 +197,12 @@ def report_run(recipe: Recipe, run_dir: Path, manifest: dict, data: DataBundle, 
     stages = _stage_models(run_dir, manifest, spec)
     with tempfile.TemporaryDirectory(prefix="edgecv-report-") as tmp:
         subjects = _torch_subjects(stages, recipe, device) if "torch" in bench.backends else []
-        if "onnxruntime" in bench.backends:
-            subjects += _baseline_onnx(stages, spec, Path(tmp), recipe, "cpu")
-            subjects += _baseline_int8(stages, manifest, spec, Path(tmp), recipe, data)
         exported, files = _export_subjects(run_dir, stages, recipe, "cpu")
+        if "onnxruntime" in bench.backends:
+            # the exported model.onnx is the baseline itself when no float stage follows train: time it once
+            if not any(x.stage == "train" and x.format == "onnx" for x in exported):
+                subjects += _baseline_onnx(stages, spec, Path(tmp), recipe, "cpu")
+            subjects += _baseline_int8(stages, manifest, spec, Path(tmp), recipe, data)
         subjects += exported
         settings = BenchSettings(tuple(bench.batch_sizes), bench.warmup, bench.runs, bench.rounds)
         console.rule("[bold]bench")
